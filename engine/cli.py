@@ -1,0 +1,433 @@
+"""The `playbook` command: a thin layer that parses flags, calls one library function,
+and renders its result. Errors become a message and an exit code (0 ok, 1 invalid input
+or data, 2 usage, 130 interrupted)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from engine.catalog import field_catalog
+from engine.clock import format_epoch, get_timezone, local_day, parse_as_of
+from engine.errors import PlaybookError
+from engine.features import build_features, iter_features
+from engine.ingest import KINDS, IngestOptions, ingest_file
+from engine.ingest.load import IngestResult, parse_mapping
+from engine.ingest.read import ByteCounter
+from engine.render import FORMATS, csv_text, json_line, table
+from engine.report import Report, build_report
+from engine.settings import Settings, load_settings, settings_path
+from engine.store import Store, default_db_path, open_store
+
+F = TypeVar("F", bound=Callable[..., Any])
+TIME_COLUMNS = ("joined_at", "first_order_at", "last_order_at")
+DEFAULT_FEATURE_COLUMNS = (
+    "customer_id",
+    "name",
+    "aipl_stage",
+    "lifecycle",
+    "rfm_segment",
+    "order_count",
+    "total_spend",
+    "days_since_last_order",
+)
+
+
+class _Failed(click.ClickException):
+    """A library error, shown as its message, exiting with code 1."""
+
+
+class _FailedUsage(_Failed):
+    """A usage error from the library (a malformed date, mapping or name): exit code 2."""
+
+    exit_code = 2
+
+
+def _failure(message: str, exit_code: int) -> _Failed:
+    return _FailedUsage(message) if exit_code == 2 else _Failed(message)
+
+
+class _Group(click.Group):
+    """Turns library errors into a one-line message and their exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except PlaybookError as exc:
+            raise _failure(str(exc), exc.exit_code) from exc
+
+
+def store_options(func: F) -> F:
+    """Add --db and --settings to a command."""
+    func = click.option(
+        "--settings",
+        "settings_file",
+        type=click.Path(dir_okay=False),
+        help="Settings file (default: $PLAYBOOK_SETTINGS or ./playbook-settings.yaml if present).",
+    )(func)
+    func = click.option(
+        "--db",
+        "db",
+        type=click.Path(dir_okay=False),
+        default=default_db_path,
+        show_default="$PLAYBOOK_DB or ./playbook.db",
+        help="The SQLite fact store.",
+    )(func)
+    return func
+
+
+def _settings(settings_file: str | None) -> Settings:
+    return load_settings(settings_path(settings_file))
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="playbook-engine")
+def cli() -> None:
+    """Playbooks for private-domain customer operations: load customers and events,
+    compute AIPL / lifecycle / RFM features, and report on them."""
+
+
+@cli.command()
+@click.argument("kind", type=click.Choice(KINDS))
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["csv", "tsv", "jsonl"]),
+    help="File format (default: from the extension or content).",
+)
+@click.option(
+    "--map",
+    "mapping",
+    multiple=True,
+    metavar="FIELD=COLUMN",
+    help="Read a field from the file's own column name; repeatable.",
+)
+@click.option("--ts-format", help="strptime format, or epoch / epoch_ms (default ISO 8601).")
+@click.option("--timezone", help="Timezone of times without an offset (default: settings).")
+@click.option("--encoding", default="utf-8-sig", show_default=True, help="Text encoding.")
+@click.option(
+    "--rejects",
+    "rejects_path",
+    type=click.Path(dir_okay=False),
+    help="Where to write rejected rows (default: FILE's name + .rejects).",
+)
+@click.option(
+    "--batch-size",
+    default=10_000,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Rows per committed batch.",
+)
+@store_options
+def ingest(
+    kind: str,
+    file: str,
+    fmt: str | None,
+    mapping: tuple[str, ...],
+    ts_format: str | None,
+    timezone: str | None,
+    encoding: str,
+    rejects_path: str | None,
+    batch_size: int,
+    db: str,
+    settings_file: str | None,
+) -> None:
+    """Load customers, orders, refunds or events from a CSV or JSONL FILE."""
+    settings = _settings(settings_file)
+    options = IngestOptions(
+        format=fmt,
+        mapping=parse_mapping(mapping, kind),
+        ts_format=ts_format,
+        tz=get_timezone(timezone) if timezone else settings.tz,
+        encoding=encoding,
+        batch_size=batch_size,
+        rejects_path=rejects_path,
+    )
+    with open_store(db) as store, _progress(Path(file)) as progress:
+        result = ingest_file(store, kind, file, options, progress)
+    click.echo(_ingest_summary(result))
+    if result.interrupted:
+        click.echo(
+            "interrupted: the batches above are committed; run the same command again "
+            "to complete the file",
+            err=True,
+        )
+        sys.exit(130)
+    if result.rejected:
+        sys.exit(1)
+
+
+class _progress:
+    """A progress bar on a terminal; nothing otherwise."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.bar: Any = None
+        self.shown = 0
+
+    def __enter__(self) -> Callable[[ByteCounter], None] | None:
+        if not sys.stderr.isatty() or not self.path.is_file():
+            return None
+        self.bar = click.progressbar(
+            length=self.path.stat().st_size, label=self.path.name, file=sys.stderr
+        )
+        self.bar.__enter__()
+        return self.update
+
+    def update(self, counter: ByteCounter) -> None:
+        self.bar.update(counter.read - self.shown)
+        self.shown = counter.read
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+
+def _ingest_summary(result: IngestResult) -> str:
+    lines = [
+        f"{result.file}: {result.rows_read:,} rows read; {result.added:,} added, "
+        f"{result.updated:,} updated, {result.unchanged:,} already in the store, "
+        f"{result.rejected:,} rejected"
+        + (
+            f"; {result.customers_created:,} new customers created from {result.kind}"
+            if result.customers_created
+            else ""
+        )
+    ]
+    if result.rejected:
+        shown = len(result.first_rejects)
+        lines.append(
+            f"rejected rows (first {shown} of {result.rejected:,}; all of them are in "
+            f"{result.rejects_path}):"
+        )
+        lines.extend(
+            f"  line {r.line}: {r.reason}" if r.line else f"  {r.reason}"
+            for r in result.first_rejects
+        )
+    return "\n".join(lines)
+
+
+@cli.command()
+@click.option(
+    "--as-of", help="Use only events before this moment (a date = its start; default now)."
+)
+@click.option("--customer", help="Only this customer id.")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True)
+@click.option("--columns", help="Comma-separated columns for the table, or 'all'.")
+@store_options
+def features(
+    as_of: str | None,
+    customer: str | None,
+    fmt: str,
+    columns: str | None,
+    db: str,
+    settings_file: str | None,
+) -> None:
+    """Compute every customer's features as of a moment."""
+    settings = _settings(settings_file)
+    moment = parse_as_of(as_of, settings.tz)
+    with open_store(db, readonly=True) as store:
+        table_ = build_features(store, settings, moment)
+        rows = [_readable(row, settings) for row in iter_features(store, table_, customer)]
+    if customer is not None and not rows:
+        raise _Failed(
+            f"no customer {customer!r} as of {format_epoch(moment, settings.tz)} "
+            "(not in the store, or joined later)"
+        )
+    names = list(rows[0]) if rows else list(field_catalog(settings))
+    if fmt == "jsonl":
+        for row in rows:
+            click.echo(json_line(row))
+    elif fmt == "csv":
+        click.echo(csv_text(names, ([row[n] for n in names] for row in rows)), nl=False)
+    elif customer is not None:
+        click.echo(table(["field", "value"], ([n, rows[0][n]] for n in names)))
+    else:
+        shown = _columns(columns, names)
+        click.echo(table(shown, ([row[n] for n in shown] for row in rows)))
+
+
+def _columns(spec: str | None, names: list[str]) -> list[str]:
+    if spec is None:
+        return [n for n in DEFAULT_FEATURE_COLUMNS if n in names]
+    if spec == "all":
+        return names
+    chosen = [c.strip() for c in spec.split(",") if c.strip()]
+    unknown = [c for c in chosen if c not in names]
+    if unknown:
+        raise click.UsageError(
+            f"--columns: unknown {', '.join(unknown)}; choose from {', '.join(names)}"
+        )
+    return chosen
+
+
+def _readable(row: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    for name in TIME_COLUMNS:
+        row[name] = format_epoch(row[name], settings.tz)
+    for feature in settings.custom_features:
+        if feature.type.kind == "timestamp":
+            row[feature.name] = format_epoch(row[feature.name], settings.tz)
+    return row
+
+
+@cli.command()
+@click.option(
+    "--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True
+)
+@click.option(
+    "--settings",
+    "settings_file",
+    type=click.Path(dir_okay=False),
+    help="Settings file with custom features.",
+)
+def fields(fmt: str, settings_file: str | None) -> None:
+    """List every field a playbook condition can use."""
+    catalog = field_catalog(_settings(settings_file))
+    rows: list[dict[str, Any]] = [
+        {
+            "name": f.name,
+            "type": f.type.kind,
+            "values": list(f.type.allowed or ()),
+            "group": f.group,
+            "description": f.description,
+        }
+        for f in catalog.values()
+    ]
+    if fmt == "json":
+        click.echo(json.dumps(rows, ensure_ascii=False, indent=2))
+        return
+    click.echo(
+        table(
+            ["name", "type", "group", "description"],
+            (
+                [
+                    r["name"],
+                    "enum" if r["values"] else r["type"],
+                    r["group"],
+                    r["description"]
+                    + (f" Values: {', '.join(r['values'])}." if r["values"] else ""),
+                ]
+                for r in rows
+            ),
+        )
+    )
+
+
+@cli.command()
+@click.option("--as-of", help="Report as of this moment (default now).")
+@click.option(
+    "--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True
+)
+@store_options
+def report(as_of: str | None, fmt: str, db: str, settings_file: str | None) -> None:
+    """AIPL funnel, lifecycle mix, RFM classes and the seed articles' health checks."""
+    settings = _settings(settings_file)
+    moment = parse_as_of(as_of, settings.tz)
+    with open_store(db, readonly=True) as store:
+        result = build_report(store, settings, moment)
+    if fmt == "json":
+        click.echo(json.dumps(result.to_dict(), ensure_ascii=False, indent=2))
+    else:
+        click.echo(render_report(result, settings))
+
+
+def render_report(result: Report, settings: Settings) -> str:
+    """The report as text tables."""
+    return "\n\n".join(
+        [
+            f"As of {format_epoch(result.as_of, settings.tz)}: {result.customers:,} customers, "
+            f"{result.buyers:,} buyers, revenue ¥{result.revenue:,.2f}",
+            "AIPL funnel (reached = at this stage or beyond)\n"
+            + table(
+                ["stage", "reached", "now at", "conversion %"],
+                ([s.stage, s.reached, s.current, s.conversion_pct] for s in result.funnel),
+            ),
+            "Lifecycle\n"
+            + table(
+                ["stage", "customers", "%"],
+                ([s.name, s.customers, s.share_pct] for s in result.lifecycle),
+            ),
+            "RFM classes (buyers)\n"
+            + table(
+                ["class", "buyers", "% of buyers", "% of revenue"],
+                ([s.name, s.customers, s.share_pct, s.revenue_share_pct] for s in result.rfm),
+            ),
+            "Health checks\n"
+            + table(
+                ["check", "value %", "target", "ok"],
+                (
+                    [
+                        h.name,
+                        h.value_pct,
+                        h.target,
+                        "" if h.ok is None else ("yes" if h.ok else "NO"),
+                    ]
+                    for h in result.health
+                ),
+            ),
+        ]
+    )
+
+
+@cli.command()
+@click.option(
+    "--customers",
+    default=2000,
+    show_default=True,
+    type=click.IntRange(1),
+    help="How many customers to generate.",
+)
+@click.option("--seed", default=7, show_default=True, help="Random seed (same seed, same data).")
+@click.option("--as-of", help="The demo history ends here (default: today).")
+@click.option("--replace", is_flag=True, help="Delete an existing store file first.")
+@store_options
+def demo(
+    customers: int, seed: int, as_of: str | None, replace: bool, db: str, settings_file: str | None
+) -> None:
+    """Create a store of realistic demo data, then show what the engine makes of it."""
+    from engine.demo import generate_demo
+
+    settings = _settings(settings_file)
+    end = parse_as_of(as_of, settings.tz) if as_of else _start_of_today(settings)
+    if replace:
+        for suffix in ("", "-wal", "-shm"):
+            Path(db + suffix).unlink(missing_ok=True)
+    with open_store(db) as store:
+        summary = generate_demo(store, customers=customers, seed=seed, end=end, tz=settings.tz)
+        click.echo(
+            f"Created {db}: {_summary_text(store)} "
+            f"(seed {seed}, history up to {format_epoch(end, settings.tz)})\n"
+        )
+        del summary
+        click.echo(render_report(build_report(store, settings, end), settings))
+    click.echo(
+        f"\nNext: playbook features --db {db} --as-of {_day(end, settings)}  |  playbook fields"
+    )
+
+
+def _summary_text(store: Store) -> str:
+    return ", ".join(
+        f"{store.count(t):,} {t}" for t in ("customers", "orders", "refunds", "events")
+    )
+
+
+def _day(moment: int, settings: Settings) -> str:
+    return local_day(moment, settings.tz).isoformat()
+
+
+def _start_of_today(settings: Settings) -> int:
+    from datetime import datetime
+
+    today = datetime.now(settings.tz).date().isoformat()
+    return parse_as_of(today, settings.tz)
+
+
+def main() -> None:
+    """Entry point of the `playbook` console script."""
+    cli(prog_name="playbook")

@@ -1,0 +1,116 @@
+"""Compile a condition to a parameterised SQLite expression with SQL three-valued semantics.
+
+Field expressions are trusted SQL supplied by the engine; every value from the condition is
+bound as a ``?`` parameter, in the order the placeholders appear in the SQL text. A row is
+selected only when the whole expression is true; a comparison with a missing (NULL) value is
+unknown. Membership tests on a missing list and ``in []`` are unknown too (never plainly
+false), so ``not`` behaves exactly like the complementary test (see ``ir.to_nnf``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import date, datetime, tzinfo
+from typing import Final
+
+from .check import ConditionProblem, check_condition
+from .ir import (
+    And,
+    Between,
+    BoolTest,
+    Compare,
+    Condition,
+    Contains,
+    InList,
+    IsNull,
+    Literal,
+    Not,
+    Or,
+)
+from .types import FieldType
+
+_SQL_OPS: Final = {"==": "=", "!=": "<>", "<": "<", "<=": "<=", ">": ">", ">=": ">="}
+
+
+@dataclass(frozen=True, slots=True)
+class SqlField:
+    """How a field is read in SQL: a trusted SQL expression and the field's type."""
+
+    expr: str
+    type: FieldType
+
+
+class SqlCompileError(ValueError):
+    """The condition does not fit the fields it is compiled against."""
+
+    def __init__(self, problems: list[ConditionProblem]) -> None:
+        super().__init__("; ".join(problem.message for problem in problems))
+        self.problems = problems
+
+
+def compile_to_sql(
+    cond: Condition, fields: Mapping[str, SqlField], tz: tzinfo
+) -> tuple[str, list[object]]:
+    """Compile ``cond`` to ``(sql, params)``; dates are read as wall-clock times in ``tz``.
+
+    Raises SqlCompileError when ``check_condition`` finds problems. ``tz`` should be a
+    ``zoneinfo.ZoneInfo`` or ``datetime.timezone``.
+    """
+    problems = check_condition(cond, {name: field.type for name, field in fields.items()})
+    if problems:
+        raise SqlCompileError(problems)
+    params: list[object] = []
+    return _Compiler(fields, tz, params).compile(cond), params
+
+
+def epoch_seconds(value: date, tz: tzinfo) -> int:
+    """Return the epoch seconds of a date (at midnight) or naive datetime read in ``tz``."""
+    moment = value if isinstance(value, datetime) else datetime(value.year, value.month, value.day)
+    return int(moment.replace(tzinfo=tz).timestamp())
+
+
+class _Compiler:
+    def __init__(self, fields: Mapping[str, SqlField], tz: tzinfo, params: list[object]) -> None:
+        self.fields = fields
+        self.tz = tz
+        self.params = params
+
+    def compile(self, cond: Condition) -> str:
+        if isinstance(cond, And | Or):
+            joiner = " AND " if isinstance(cond, And) else " OR "
+            return "(" + joiner.join(self.compile(item) for item in cond.items) + ")"
+        if isinstance(cond, Not):
+            return f"(NOT {self.compile(cond.item)})"
+        expr = self.fields[cond.field.name].expr
+        if isinstance(cond, Compare):
+            return f"({expr} {_SQL_OPS[cond.op]} {self.bind(cond.value)})"
+        if isinstance(cond, InList):
+            if not cond.values:
+                return f"(CASE WHEN {expr} IS NULL THEN NULL ELSE {int(cond.negated)} END)"
+            marks = ", ".join(self.bind(value) for value in cond.values)
+            return f"({expr} {'NOT IN' if cond.negated else 'IN'} ({marks}))"
+        if isinstance(cond, Contains):
+            exists = "NOT EXISTS" if cond.negated else "EXISTS"
+            found = (
+                f"{exists} (SELECT 1 FROM json_each({expr}) WHERE value = {self.bind(cond.value)})"
+            )
+            return f"(CASE WHEN {expr} IS NULL THEN NULL ELSE {found} END)"
+        if isinstance(cond, Between):
+            word = "NOT BETWEEN" if cond.negated else "BETWEEN"
+            return f"({expr} {word} {self.bind(cond.low)} AND {self.bind(cond.high)})"
+        if isinstance(cond, IsNull):
+            return f"({expr} IS {'NOT NULL' if cond.negated else 'NULL'})"
+        assert isinstance(cond, BoolTest)
+        return f"({expr} = 1)"
+
+    def bind(self, lit: Literal) -> str:
+        """Append the SQL value of ``lit`` to the parameters and return its placeholder."""
+        value = lit.value
+        if lit.kind == "bool":
+            self.params.append(1 if value else 0)
+        elif isinstance(value, date):
+            self.params.append(epoch_seconds(value, self.tz))
+        else:
+            self.params.append(value)
+        return "?"

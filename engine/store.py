@@ -1,0 +1,235 @@
+"""The fact store: one SQLite file of customers and their events.
+
+This is the only module that writes SQL schema. The schema is versioned in the `meta`
+table and migrated forward on open; a store written by a newer version is refused rather
+than guessed at. Every timestamp is UTC epoch seconds; every amount is integer cents
+(分), so sums and thresholds are exact.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import sqlite_utils
+
+from engine.errors import StoreError
+
+DEFAULT_DB = "playbook.db"
+SCHEMA_VERSION = 1
+
+# Event types the store understands. Orders and refunds have their own tables (they
+# carry amounts); everything else lives in `events` with its properties as JSON.
+ORDER_EVENT = "order.created"
+REFUND_EVENT = "order.refunded"
+EVENT_TYPES: dict[str, str] = {
+    ORDER_EVENT: "an order was placed (amount, category, sku)",
+    REFUND_EVENT: "money was refunded on an order (amount)",
+    "friend.added": "the customer became a WeChat/WeCom friend of a staff member",
+    "friend.deleted": "the customer deleted the staff member, or was deleted",
+    "group.joined": "the customer joined a community group (社群)",
+    "group.left": "the customer left a community group",
+    "coupon.redeemed": "the customer used a coupon",
+    "message.replied": "the customer replied to a message",
+    "referral.made": "the customer brought a new customer (老带新)",
+    "balance.topped_up": "the customer topped up stored value (充值)",
+    "membership.bought": "the customer bought a paid membership",
+}
+
+_MIGRATIONS: dict[int, list[str]] = {
+    1: [
+        """CREATE TABLE customers (
+            customer_id TEXT PRIMARY KEY,
+            name TEXT,
+            external_userid TEXT,
+            owner TEXT,
+            phone TEXT,
+            joined_at INTEGER,
+            channel TEXT,
+            opted_out INTEGER NOT NULL DEFAULT 0,
+            tags TEXT NOT NULL DEFAULT '[]',
+            props TEXT,
+            -- 1 when the row was created because an order/event named an unknown customer;
+            -- such a customer exists as of T only if something happened to them before T.
+            auto_created INTEGER NOT NULL DEFAULT 0
+        )""",
+        """CREATE TABLE orders (
+            order_id TEXT PRIMARY KEY,
+            customer_id TEXT NOT NULL,
+            ts INTEGER NOT NULL,
+            amount_cents INTEGER NOT NULL,
+            category TEXT,
+            sku TEXT,
+            props TEXT
+        )""",
+        """CREATE TABLE refunds (
+            refund_id TEXT PRIMARY KEY,
+            order_id TEXT,
+            customer_id TEXT NOT NULL,
+            ts INTEGER NOT NULL,
+            amount_cents INTEGER NOT NULL,
+            props TEXT
+        )""",
+        """CREATE TABLE events (
+            event_id TEXT PRIMARY KEY,
+            customer_id TEXT NOT NULL,
+            type TEXT NOT NULL,
+            ts INTEGER NOT NULL,
+            props TEXT
+        )""",
+        """CREATE TABLE ingest_log (
+            id INTEGER PRIMARY KEY,
+            kind TEXT NOT NULL,
+            file TEXT NOT NULL,
+            started_at INTEGER NOT NULL,
+            finished_at INTEGER,
+            rows_read INTEGER NOT NULL DEFAULT 0,
+            rows_added INTEGER NOT NULL DEFAULT 0,
+            rows_rejected INTEGER NOT NULL DEFAULT 0,
+            status TEXT NOT NULL
+        )""",
+        # Features aggregate per customer before a moment: (customer_id, ts) serves both.
+        "CREATE INDEX orders_customer_ts ON orders (customer_id, ts)",
+        "CREATE INDEX orders_ts ON orders (ts)",
+        "CREATE INDEX refunds_customer_ts ON refunds (customer_id, ts)",
+        "CREATE INDEX events_customer_type_ts ON events (customer_id, type, ts)",
+        "CREATE INDEX events_type_ts ON events (type, ts)",
+    ],
+}
+
+
+@dataclass
+class Store:
+    """An open fact store. Use `open_store` to get one."""
+
+    path: str
+    db: sqlite_utils.Database
+    readonly: bool = False
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        """The underlying sqlite3 connection (autocommit; use `transaction`)."""
+        conn: sqlite3.Connection = self.db.conn
+        return conn
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """Run a block in one write transaction: all of it is committed, or none."""
+        conn = self.conn
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            raise StoreError(
+                f"{self.path}: cannot start a write ({exc}); is another "
+                "playbook command writing to it?"
+            ) from exc
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        else:
+            conn.execute("COMMIT")
+
+    def schema_version(self) -> int:
+        """The schema version recorded in the store (0 for a blank file)."""
+        return _read_version(self.conn)
+
+    def count(self, table: str) -> int:
+        """Rows in one of the store's tables."""
+        if table not in ("customers", "orders", "refunds", "events", "ingest_log"):
+            raise ValueError(f"not a store table: {table}")
+        row = self.conn.execute(f"SELECT count(*) FROM {table}").fetchone()
+        return int(row[0])
+
+    def close(self) -> None:
+        """Close the connection."""
+        self.conn.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def default_db_path() -> str:
+    """The store path when none is given: $PLAYBOOK_DB, else ./playbook.db."""
+    return os.environ.get("PLAYBOOK_DB") or DEFAULT_DB
+
+
+def open_store(path: str | os.PathLike[str], *, readonly: bool = False) -> Store:
+    """Open (creating and migrating if needed) the fact store at `path`."""
+    path = str(path)
+    if readonly and not Path(path).exists():
+        raise StoreError(
+            f"{path}: no such store (create one with `playbook ingest` or `playbook demo`)"
+        )
+    try:
+        if readonly:
+            conn = sqlite3.connect(
+                f"{Path(path).resolve().as_uri()}?mode=ro", uri=True, isolation_level=None
+            )
+        else:
+            conn = sqlite3.connect(path, isolation_level=None)
+        conn.execute("PRAGMA busy_timeout = 10000")
+        if not readonly:
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute("PRAGMA foreign_keys = ON")
+        version = _read_version(conn)
+    except sqlite3.DatabaseError as exc:
+        raise StoreError(f"{path}: not a playbook store ({exc})") from exc
+    if version > SCHEMA_VERSION:
+        conn.close()
+        raise StoreError(
+            f"{path}: written by a newer playbook-engine (schema {version}, this "
+            f"one knows up to {SCHEMA_VERSION}); upgrade playbook-engine"
+        )
+    if version < SCHEMA_VERSION:
+        if readonly:
+            conn.close()
+            raise StoreError(
+                f"{path}: schema {version} is older than {SCHEMA_VERSION}; run any "
+                "writing command (e.g. `playbook ingest`) once to migrate it"
+            )
+        _migrate(conn, path, version)
+    return Store(path=path, db=sqlite_utils.Database(conn), readonly=readonly)
+
+
+def _read_version(conn: sqlite3.Connection) -> int:
+    has_meta = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+    ).fetchone()
+    if not has_meta:
+        tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+        if tables:
+            raise sqlite3.DatabaseError("it has tables but no playbook schema version")
+        return 0
+    row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    return int(row[0]) if row else 0
+
+
+def _migrate(conn: sqlite3.Connection, path: str, version: int) -> None:
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        if version == 0:
+            conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            for statement in _MIGRATIONS[target]:
+                conn.execute(statement)
+        conn.execute(
+            "INSERT INTO meta (key, value) VALUES ('schema_version', ?) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (str(SCHEMA_VERSION),),
+        )
+        conn.execute("COMMIT")
+    except sqlite3.Error as exc:
+        conn.execute("ROLLBACK")
+        raise StoreError(
+            f"{path}: could not migrate schema {version} -> {SCHEMA_VERSION}: {exc}"
+        ) from exc

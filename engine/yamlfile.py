@@ -1,0 +1,154 @@
+"""Reading YAML the way operators mean it, keeping where every value came from.
+
+PyYAML follows YAML 1.1, where `on`, `no` and `2024-06-01` silently become booleans and
+dates. Here only `true`/`false` are booleans, only plain numerals are numbers, everything
+else is a string; duplicate keys are errors; unsafe tags, huge files and anchor bombs are
+refused. Each value's position is kept in `YamlDoc.marks`, keyed by its path
+(`("rules", 0, "when")`), so diagnostics can say file:line:col.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from engine.errors import InputError
+
+MAX_BYTES = 1_000_000
+MAX_NODES = 100_000
+_INT = re.compile(r"^[-+]?(0|[1-9][0-9_]*)$")
+_FLOAT = re.compile(r"^[-+]?(\d[\d_]*)?\.\d+([eE][-+]?\d+)?$|^[-+]?\d[\d_]*[eE][-+]?\d+$")
+
+Path_ = tuple[str | int, ...]
+
+
+@dataclass(frozen=True)
+class Mark:
+    """A 1-based line and column in a file."""
+
+    line: int
+    col: int
+
+
+@dataclass
+class YamlDoc:
+    """A parsed YAML document: the plain data plus where each value started."""
+
+    file: str
+    data: Any
+    marks: dict[Path_, Mark] = field(default_factory=dict)
+
+    def mark(self, path: Path_) -> Mark:
+        """The position of `path`, or of its nearest ancestor that has one."""
+        while path:
+            if path in self.marks:
+                return self.marks[path]
+            path = path[:-1]
+        return self.marks.get((), Mark(1, 1))
+
+
+def load_yaml_file(path: str | Path) -> YamlDoc:
+    """Read and parse a YAML file, raising InputError with file:line:col on any problem."""
+    name = str(path)
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise InputError(f"{name}: cannot read: {exc.strerror or exc}") from exc
+    if len(raw) > MAX_BYTES:
+        raise InputError(f"{name}: file is {len(raw):,} bytes; the limit is {MAX_BYTES:,}")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{name}: not UTF-8 text (byte {exc.start})") from exc
+    return load_yaml_text(text, name)
+
+
+def load_yaml_text(text: str, name: str = "<string>") -> YamlDoc:
+    """Parse YAML text (see the module docstring for the rules)."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        raise InputError(_syntax_message(name, text, exc)) from exc
+    except yaml.YAMLError as exc:
+        raise InputError(f"{name}: invalid YAML: {exc}") from exc
+    doc = YamlDoc(file=name, data=None)
+    if node is None:
+        return doc
+    builder = _Builder(doc, name)
+    doc.data = builder.build(node, ())
+    return doc
+
+
+class _Builder:
+    def __init__(self, doc: YamlDoc, name: str) -> None:
+        self.doc = doc
+        self.name = name
+        self.nodes = 0
+
+    def build(self, node: yaml.Node, path: Path_) -> Any:
+        self.nodes += 1
+        if self.nodes > MAX_NODES:
+            raise InputError(
+                f"{self.name}: document expands to over {MAX_NODES:,} values "
+                "(anchors/aliases repeated too often?)"
+            )
+        mark = Mark(node.start_mark.line + 1, node.start_mark.column + 1)
+        self.doc.marks[path] = mark
+        where = f"{self.name}:{mark.line}:{mark.col}"
+        if isinstance(node, yaml.MappingNode):
+            if node.tag not in ("tag:yaml.org,2002:map",):
+                raise InputError(f"{where}: tag {node.tag!r} is not allowed")
+            result: dict[str, Any] = {}
+            for key_node, value_node in node.value:
+                if not isinstance(key_node, yaml.ScalarNode):
+                    raise InputError(f"{where}: mapping keys must be plain text")
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    raise InputError(
+                        f"{where}: merge keys (<<) are not supported; write the keys out"
+                    )
+                key = str(key_node.value)
+                if key in result:
+                    kmark = key_node.start_mark
+                    raise InputError(
+                        f"{self.name}:{kmark.line + 1}:{kmark.column + 1}: duplicate key {key!r}"
+                    )
+                result[key] = self.build(value_node, (*path, key))
+            return result
+        if isinstance(node, yaml.SequenceNode):
+            if node.tag != "tag:yaml.org,2002:seq":
+                raise InputError(f"{where}: tag {node.tag!r} is not allowed")
+            return [self.build(item, (*path, i)) for i, item in enumerate(node.value)]
+        assert isinstance(node, yaml.ScalarNode)
+        return _scalar(node, where)
+
+
+def _scalar(node: yaml.ScalarNode, where: str) -> Any:
+    value = str(node.value)
+    if node.tag == "tag:yaml.org,2002:str" or node.style in ("'", '"', "|", ">"):
+        return value
+    if not node.tag.startswith("tag:yaml.org,2002:"):
+        raise InputError(f"{where}: tag {node.tag!r} is not allowed")
+    if value in ("true", "false"):
+        return value == "true"
+    if value in ("null", "~", ""):
+        return None
+    if _INT.match(value):
+        return int(value.replace("_", ""))
+    if _FLOAT.match(value):
+        return float(value.replace("_", ""))
+    return value
+
+
+def _syntax_message(name: str, text: str, exc: yaml.MarkedYAMLError) -> str:
+    mark = exc.problem_mark or exc.context_mark
+    problem = exc.problem or exc.context or "invalid YAML"
+    if mark is None:
+        return f"{name}: invalid YAML: {problem}"
+    lines = text.splitlines()
+    line = lines[mark.line] if mark.line < len(lines) else ""
+    caret = " " * mark.column + "^"
+    return f"{name}:{mark.line + 1}:{mark.column + 1}: invalid YAML: {problem}\n  {line}\n  {caret}"

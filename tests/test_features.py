@@ -1,0 +1,173 @@
+"""Features as of a moment, on a small dataset whose every value was computed by hand.
+
+As of 2024-06-01 00:00 Asia/Shanghai; six buyers with days since last order 30, 91, 90,
+180, 181 and 1 (mean 95.5), order counts 2,1,1,1,1,1 (mean 7/6) and net spend 400, 2100,
+50, 600, 1000, 80 (mean 705).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from engine.clock import parse_as_of
+from engine.features import compute_features
+from engine.settings import Settings
+from engine.store import Store, open_store
+from tests.conftest import SHANGHAI, load_small_dataset
+
+AS_OF = parse_as_of("2024-06-01", SHANGHAI)
+
+
+@pytest.fixture
+def features(store: Store, tmp_path: Path) -> dict[str, dict[str, Any]]:
+    load_small_dataset(store, tmp_path)
+    return {row["customer_id"]: row for row in compute_features(store, Settings(), AS_OF)}
+
+
+def test_only_customers_who_existed_at_the_moment(features: dict[str, dict[str, Any]]) -> None:
+    # 00005 joined after the as-of day; 00009 was auto-created by an order after it.
+    assert sorted(features) == ["00001", "00002", "00003", "00004", "00006", "00007", "00008"]
+
+
+EXPECTED = {
+    #        order_count total_spend days lifecycle aipl friend group categories
+    "00001": (2, 400.0, 30, "active", "P", True, True, 2),
+    "00002": (1, 2100.0, 91, "sleeping", "L", True, False, 1),
+    "00003": (1, 50.0, 90, "silent", "P", True, False, 1),
+    "00004": (1, 600.0, 180, "sleeping", "P", True, False, 1),
+    "00006": (0, 0.0, None, "prospect", "I", False, True, 0),
+    "00007": (1, 1000.0, 181, "churned", "P", False, False, 1),
+    "00008": (1, 80.0, 1, "active", "P", False, False, 1),
+}
+
+
+@pytest.mark.parametrize("customer", sorted(EXPECTED))
+def test_hand_computed_features(features: dict[str, dict[str, Any]], customer: str) -> None:
+    row = features[customer]
+    got = (
+        row["order_count"],
+        row["total_spend"],
+        row["days_since_last_order"],
+        row["lifecycle"],
+        row["aipl_stage"],
+        row["is_friend"],
+        row["in_group"],
+        row["distinct_categories"],
+    )
+    assert got == EXPECTED[customer]
+
+
+RFM = {
+    # rfm_r, rfm_f, rfm_m, segment
+    "00001": (4, 5, 2, "general_value"),
+    "00002": (2, 1, 5, "important_develop"),
+    "00003": (3, 1, 1, "general_develop"),
+    "00004": (1, 1, 3, "general_winback"),
+    "00006": (None, None, None, None),
+    "00007": (1, 1, 4, "important_winback"),
+    "00008": (5, 1, 1, "general_develop"),
+}
+
+
+@pytest.mark.parametrize("customer", sorted(RFM))
+def test_rfm_scores_and_segments(features: dict[str, dict[str, Any]], customer: str) -> None:
+    row = features[customer]
+    assert (row["rfm_r"], row["rfm_f"], row["rfm_m"], row["rfm_segment"]) == RFM[customer]
+
+
+def test_windows_and_averages(features: dict[str, dict[str, Any]]) -> None:
+    first = features["00001"]
+    assert first["orders_last_30d"] == 1  # 2024-05-02 10:00 is inside the 30 days
+    assert first["spend_last_90d"] == 100.0
+    assert first["avg_order_value"] == 200.0
+    assert first["days_since_first_order"] == 183
+    assert first["tags"] == ["kol", "vip"]
+    refunded = features["00002"]
+    # The refund (inside the window) is of an order placed 91 days ago (outside it).
+    assert refunded["spend_last_90d"] == 0.0
+    assert refunded["avg_order_value"] == 2100.0
+    assert features["00006"]["avg_order_value"] is None
+    assert features["00003"]["opted_out"] is True
+
+
+def test_day_boundaries_in_the_store_timezone(features: dict[str, dict[str, Any]]) -> None:
+    # o8 at 23:30 the evening before counts, 1 calendar day ago; o5 exactly at the as-of
+    # moment does not count.
+    assert features["00008"]["days_since_last_order"] == 1
+    assert features["00003"]["order_count"] == 1
+
+
+def test_a_moment_later_sees_later_orders(store: Store, tmp_path: Path) -> None:
+    load_small_dataset(store, tmp_path)
+    later = parse_as_of("2024-06-02", SHANGHAI)
+    rows = {r["customer_id"]: r for r in compute_features(store, Settings(), later)}
+    assert rows["00003"]["order_count"] == 2
+    assert rows["00003"]["days_since_last_order"] == 1
+    assert rows["00003"]["lifecycle"] == "active"
+
+
+def test_thresholds_come_from_settings(store: Store, tmp_path: Path) -> None:
+    load_small_dataset(store, tmp_path)
+    strict = Settings(loyal_spend=500, active_days=10, silent_days=30, sleeping_days=90)
+    rows = {r["customer_id"]: r for r in compute_features(store, strict, AS_OF)}
+    assert rows["00001"]["lifecycle"] == "silent"
+    assert rows["00003"]["lifecycle"] == "sleeping"
+    assert rows["00002"]["lifecycle"] == "churned"
+    assert rows["00004"]["aipl_stage"] == "L"
+
+
+def test_one_customer(store: Store, tmp_path: Path) -> None:
+    load_small_dataset(store, tmp_path)
+    rows = compute_features(store, Settings(), AS_OF, customer="00002")
+    assert [r["customer_id"] for r in rows] == ["00002"]
+    assert rows[0]["rfm_segment"] == "important_develop"  # ranked among all buyers
+
+
+_later = st.tuples(
+    st.sampled_from(["00001", "00002", "00006", "00010", "00011"]),
+    st.integers(min_value=0, max_value=400 * 86_400),  # seconds after the as-of moment
+    st.decimals(min_value=0, max_value=5000, places=2),
+    st.sampled_from(["orders", "refunds", "group.joined", "group.left", "friend.deleted"]),
+)
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(later=st.lists(_later, min_size=1, max_size=12))
+def test_events_after_the_moment_never_change_features(
+    tmp_path_factory: pytest.TempPathFactory, later: list[tuple[str, int, Any, str]]
+) -> None:
+    folder = tmp_path_factory.mktemp("pit")
+    with open_store(folder / "s.db") as store:
+        load_small_dataset(store, folder)
+        before = compute_features(store, Settings(), AS_OF)
+        with store.transaction() as conn:
+            for i, (customer, delta, amount, kind) in enumerate(later):
+                ts = AS_OF + delta
+                cents = int(amount * 100)
+                conn.execute(
+                    "INSERT OR IGNORE INTO customers (customer_id, auto_created) VALUES (?, 1)",
+                    (customer,),
+                )
+                if kind == "orders":
+                    conn.execute(
+                        "INSERT INTO orders VALUES (?, ?, ?, ?, 'skincare', 's1', NULL)",
+                        (f"late{i}", customer, ts, cents),
+                    )
+                elif kind == "refunds":
+                    conn.execute(
+                        "INSERT INTO refunds VALUES (?, NULL, ?, ?, ?, NULL)",
+                        (f"late{i}", customer, ts, cents),
+                    )
+                else:
+                    conn.execute(
+                        "INSERT INTO events VALUES (?, ?, ?, ?, NULL)",
+                        (f"late{i}", customer, kind, ts),
+                    )
+        assert compute_features(store, Settings(), AS_OF) == before
