@@ -139,7 +139,7 @@ _EVENT_PROPS: dict[str, dict[str, FieldType]] = {
     "friend.added": {"owner": STRING, "channel": STRING},
     "group.joined": {"group": STRING},
     "group.left": {"group": STRING},
-    "coupon.redeemed": {"coupon": STRING, "amount": NUMBER},
+    "coupon.redeemed": {"coupon": STRING, "order_id": STRING, "discount": NUMBER},
     "message.replied": {"text": STRING},
     "referral.made": {"referred_customer_id": STRING},
     "balance.topped_up": {"amount": NUMBER, "bonus": NUMBER},

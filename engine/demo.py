@@ -132,7 +132,9 @@ class _Builder:
         key = tuple(props.items())
         text = self.json_cache.get(key)
         if text is None:
-            text = self.json_cache[key] = json.dumps(props, ensure_ascii=False)
+            text = self.json_cache[key] = json.dumps(
+                props, ensure_ascii=False, separators=(",", ":")
+            )
         return text
 
     def at(self, day: int, after: int = 0) -> int:
@@ -239,14 +241,14 @@ class _Builder:
             self.kols.append(customer_id)
         if rng.random() < 0.04 + 0.03 * depth:
             ts = min(rng.choice(orders).ts + rng.randint(60, 3600), self.end - 1)
-            plan = {"plan": "annual", "amount_cents": 19_900}
+            plan = {"plan": "annual", "amount": 199}
             self.event(ts, customer_id, "membership.bought", plan)
             tags.append("member")
         if rng.random() < 0.02 + 0.02 * depth:
             for order in rng.sample(orders, min(len(orders), rng.randint(1, 3))):
                 amount = rng.choice((500, 1000, 2000, 5000)) * 100
                 ts = max(order.ts - rng.randint(60, 1800), joined)
-                topup = {"amount_cents": amount, "bonus_cents": amount // 10}
+                topup = {"amount": amount // 100, "bonus": amount // 1000}
                 self.event(ts, customer_id, "balance.topped_up", topup)
 
     def engagement(
@@ -275,7 +277,7 @@ class _Builder:
             props: dict[str, Any] = {"qty": o.qty}
             if o.coupon:
                 props["coupon"], off = o.coupon
-                used = {"coupon": o.coupon[0], "order_id": order_id, "discount_cents": off}
+                used = {"coupon": o.coupon[0], "order_id": order_id, "discount": off // 100}
                 self.event(o.ts, o.customer_id, "coupon.redeemed", used)
             props_json = self.dumps(props)
             rows.append(

@@ -98,6 +98,11 @@ def _schema_problems(doc: YamlDoc, data: Any) -> list[str]:
     for error in validator.iter_errors(data):
         path = tuple(error.absolute_path)
         mark = doc.mark(path)
+        if error.validator == "additionalProperties" and isinstance(error.instance, dict):
+            known = error.schema.get("properties", {}) if isinstance(error.schema, dict) else {}
+            extra = [key for key in error.instance if key not in known]
+            if extra:
+                mark = doc.key_mark((*path, extra[0]))
         where = ".".join(str(p) for p in path) or "(top level)"
         found.append(
             (
@@ -120,8 +125,8 @@ def _schema_message(error: jsonschema.ValidationError) -> str:
 def _build(doc: YamlDoc, data: dict[str, Any], path: str) -> tuple[Settings, list[str]]:
     problems: list[str] = []
 
-    def problem(at: tuple[str | int, ...], message: str) -> None:
-        mark = doc.mark(at)
+    def problem(at: tuple[str | int, ...], message: str, offset: int | None = None) -> None:
+        mark = doc.mark(at) if offset is None else doc.mark_in_string(at, offset)
         problems.append(f"{doc.file}:{mark.line}:{mark.col}: {'.'.join(map(str, at))}: {message}")
 
     timezone = data.get("timezone", Settings.timezone)
@@ -141,7 +146,9 @@ def _build(doc: YamlDoc, data: dict[str, Any], path: str) -> tuple[Settings, lis
     features = []
     for name, spec in data.get("features", {}).items():
         feature = _custom_feature(
-            name, spec, lambda key, msg, n=name: problem(("features", n, *key), msg)
+            name,
+            spec,
+            lambda key, msg, offset=None, n=name: problem(("features", n, *key), msg, offset),
         )
         if feature is not None:
             features.append(feature)
@@ -174,13 +181,13 @@ def _custom_feature(name: str, spec: dict[str, Any], problem: Any) -> CustomFeat
             cond = parse_condition(where)
         except ConditionSyntaxError as exc:
             hint = f" ({exc.hint})" if exc.hint else ""
-            problem(("where",), f"at character {exc.offset + 1}: {exc.message}{hint}")
+            problem(("where",), f"{exc.message}{hint}", exc.offset)
             return None
         extra = set(fields_used(cond))
         fields = source_fields(source, extra)
         for found in check_condition(cond, {k: v.type for k, v in fields.items()}):
             hint = f" ({found.hint})" if found.hint else ""
-            problem(("where",), f"at character {found.start + 1}: {found.message}{hint}")
+            problem(("where",), f"{found.message}{hint}", found.start)
             ok = False
     field_name = spec.get("field")
     fields = source_fields(source, extra | ({field_name} if field_name else set()))

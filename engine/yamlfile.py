@@ -41,6 +41,8 @@ class YamlDoc:
     file: str
     data: Any
     marks: dict[Path_, Mark] = field(default_factory=dict)
+    key_marks: dict[Path_, Mark] = field(default_factory=dict)
+    styles: dict[Path_, str] = field(default_factory=dict)
 
     def mark(self, path: Path_) -> Mark:
         """The position of `path`, or of its nearest ancestor that has one."""
@@ -49,6 +51,27 @@ class YamlDoc:
                 return self.marks[path]
             path = path[:-1]
         return self.marks.get((), Mark(1, 1))
+
+    def key_mark(self, path: Path_) -> Mark:
+        """The position of the key that names `path` (falls back to `mark`)."""
+        return self.key_marks.get(path) or self.mark(path)
+
+    def mark_in_string(self, path: Path_, offset: int) -> Mark:
+        """The position of character `offset` inside the string value at `path`.
+
+        Exact for strings on one line (plain or quoted, without escapes before the
+        offset); for block scalars, the line of the offset and its column in the text.
+        """
+        start = self.mark(path)
+        style = self.styles.get(path, "")
+        value = self.data
+        for part in path:
+            value = value[part]
+        before = str(value)[:offset]
+        if style in ("|", ">"):
+            lines = before.split("\n")
+            return Mark(start.line + len(lines), len(lines[-1]) + 1 + (start.col - 1))
+        return Mark(start.line, start.col + offset + (1 if style in ("'", '"') else 0))
 
 
 def load_yaml_file(path: str | Path) -> YamlDoc:
@@ -116,6 +139,8 @@ class _Builder:
                     raise InputError(
                         f"{self.name}:{kmark.line + 1}:{kmark.column + 1}: duplicate key {key!r}"
                     )
+                key_start = key_node.start_mark
+                self.doc.key_marks[(*path, key)] = Mark(key_start.line + 1, key_start.column + 1)
                 result[key] = self.build(value_node, (*path, key))
             return result
         if isinstance(node, yaml.SequenceNode):
@@ -123,6 +148,8 @@ class _Builder:
                 raise InputError(f"{where}: tag {node.tag!r} is not allowed")
             return [self.build(item, (*path, i)) for i, item in enumerate(node.value)]
         assert isinstance(node, yaml.ScalarNode)
+        if node.style:
+            self.doc.styles[path] = node.style
         return _scalar(node, where)
 
 

@@ -222,7 +222,7 @@ def test_event_props(big: tuple[Store, DemoSummary]) -> None:
         "AND json_extract(props, '$.group') IS NOT NULL"
     ).fetchone()[0]
     assert 0.3 * BIG < groups < 0.5 * BIG
-    for kind, key in (("balance.topped_up", "amount_cents"), ("coupon.redeemed", "order_id")):
+    for kind, key in (("balance.topped_up", "amount"), ("coupon.redeemed", "order_id")):
         missing = _scalar(
             store,
             "SELECT count(*) FROM events WHERE type = ? AND json_extract(props, ?) IS NULL",
