@@ -128,8 +128,6 @@ class Not:
 Atom = Compare | InList | Contains | Between | IsNull | BoolTest
 Condition = Atom | And | Or | Not
 
-ATOM_TYPES: t.Final = (Compare, InList, Contains, Between, IsNull, BoolTest)
-
 COMPLEMENT: t.Final[dict[CompareOp, CompareOp]] = {
     "==": "!=",
     "!=": "==",

@@ -95,7 +95,7 @@ def parse_condition(text: str) -> Condition:
         raise _unexpected_token(text, exc) from None
     except LarkError:
         raise ConditionSyntaxError("could not understand the condition", 0) from None
-    return _Builder(text).condition(tree, 0)
+    return _Builder().condition(tree, 0)
 
 
 def _tokens_before(text: str, end: int) -> list[Token]:
@@ -115,9 +115,6 @@ class _Null:
 
 class _Builder:
     """Turns a Lark parse tree into IR nodes, validating what the grammar cannot."""
-
-    def __init__(self, text: str) -> None:
-        self.text = text
 
     def condition(self, node: _Node, depth: int) -> Condition:
         if depth > MAX_DEPTH:
