@@ -171,3 +171,64 @@ def test_events_after_the_moment_never_change_features(
                         (f"late{i}", customer, kind, ts),
                     )
         assert compute_features(store, Settings(), AS_OF) == before
+
+
+# Eight buyers, one per RFM class, plus a friend who never bought (A) and a stranger (no
+# stage). Means: 105 days, 2 orders, ¥550; "high" is at or better than the mean.
+GRID = {
+    # customer: (days since last order, orders, net spend in yuan, expected class)
+    "b1": (10, 3, 1000, "important_value"),
+    "b2": (10, 1, 1000, "important_develop"),
+    "b3": (200, 3, 1000, "important_retain"),
+    "b4": (200, 1, 1000, "important_winback"),
+    "b5": (10, 3, 100, "general_value"),
+    "b6": (10, 1, 100, "general_develop"),
+    "b7": (200, 3, 100, "general_retain"),
+    "b8": (200, 1, 100, "general_winback"),
+}
+
+
+@pytest.fixture
+def grid(store: Store) -> dict[str, dict[str, Any]]:
+    day = 86_400
+    with store.transaction() as conn:
+        for customer, (days, orders, spend, _) in GRID.items():
+            conn.execute(
+                "INSERT INTO customers (customer_id, joined_at) VALUES (?, 0)", (customer,)
+            )
+            amounts = [spend * 100 - (orders - 1) * spend * 30] + [spend * 30] * (orders - 1)
+            for n, cents in enumerate(amounts):
+                # The first amount is the latest order; earlier ones are a week apart.
+                ts = AS_OF - days * day - n * 7 * day + 3600
+                conn.execute(
+                    "INSERT INTO orders VALUES (?, ?, ?, ?, 'c', 's', NULL)",
+                    (f"{customer}-{n}", customer, ts, cents),
+                )
+        conn.execute(
+            "INSERT INTO customers (customer_id, external_userid, joined_at) "
+            "VALUES ('friend', 'wm1', 0), ('stranger', NULL, 0)"
+        )
+    return {r["customer_id"]: r for r in compute_features(store, Settings(), AS_OF)}
+
+
+@pytest.mark.parametrize("customer", sorted(GRID))
+def test_every_rfm_class(grid: dict[str, dict[str, Any]], customer: str) -> None:
+    days, orders, spend, expected = GRID[customer]
+    row = grid[customer]
+    assert (row["days_since_last_order"], row["order_count"], row["total_spend"]) == (
+        days,
+        orders,
+        spend,
+    )
+    assert row["rfm_segment"] == expected
+    # Four buyers share each value: the lower four score 1, the upper four 1 + 5*4//8 = 3.
+    assert row["rfm_r"] == (3 if days == 10 else 1)
+    assert row["rfm_f"] == (3 if orders == 3 else 1)
+    assert row["rfm_m"] == (3 if spend == 1000 else 1)
+
+
+def test_aipl_awareness_and_no_stage(grid: dict[str, dict[str, Any]]) -> None:
+    assert grid["friend"]["aipl_stage"] == "A"
+    assert grid["stranger"]["aipl_stage"] is None
+    assert grid["friend"]["lifecycle"] == "prospect"
+    assert grid["friend"]["rfm_segment"] is None
