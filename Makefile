@@ -2,7 +2,7 @@
 #   make demo   installs the engine into .venv and runs it end to end on generated demo data
 #   make test   installs the test tools too and runs ruff, mypy and the test suite
 PYTHON ?= $(shell for p in python3.12 python3.11 python3; do \
-	if command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(not ((3, 11) <= sys.version_info[:2] < (3, 13)))'; then \
+	if command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(not ((3, 11) <= sys.version_info[:2] < (3, 13)))' 2>/dev/null; then \
 	echo $$p; break; fi; done)
 VENV := .venv
 BIN := $(VENV)/bin

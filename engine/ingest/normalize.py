@@ -5,7 +5,8 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from datetime import tzinfo
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from typing import Any
@@ -41,6 +42,7 @@ REJECT_COLUMNS = ("reject_line", "reject_reason")
 _TRUE = {"1", "true", "yes", "y", "t", "是", "true."}
 _FALSE = {"0", "false", "no", "n", "f", "否", ""}
 _CENT = Decimal("0.01")
+_PLAIN_AMOUNT = re.compile(r"^\d{1,15}(\.\d{0,2})?$")
 
 
 class RowError(ValueError):
@@ -63,10 +65,18 @@ class Normalizer:
     mapping: dict[str, str]
     tz: tzinfo
     ts_format: str | None = None
+    _columns: dict[str, str] = field(init=False, repr=False, compare=False)
+    _ignored: frozenset[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Resolved once per file: normalize() runs once per row.
+        columns = {name: self.mapping.get(name, name) for name in CANONICAL_FIELDS[self.kind]}
+        object.__setattr__(self, "_columns", columns)
+        object.__setattr__(self, "_ignored", frozenset(columns.values()) | set(REJECT_COLUMNS))
 
     def column(self, canonical: str) -> str:
         """The file column that holds `canonical`."""
-        return self.mapping.get(canonical, canonical)
+        return self._columns.get(canonical, canonical)
 
     def normalize(self, index: int, raw: dict[str, Any]) -> Record:
         """The canonical record for raw row number `index`; raises RowError."""
@@ -74,11 +84,9 @@ class Normalizer:
             raise RowError(str(raw["__error__"]))
         if "__extra__" in raw:
             raise RowError(f"{len(raw['__extra__'])} more values than the header has columns")
-        taken = {self.column(name) for name in CANONICAL_FIELDS[self.kind]}
+        ignored = self._ignored
         extras = {
-            key: value
-            for key, value in raw.items()
-            if key not in taken and key not in REJECT_COLUMNS and not _blank(value)
+            key: value for key, value in raw.items() if key not in ignored and not _blank(value)
         }
         get = self._getter(raw)
         if self.kind == "customers":
@@ -90,9 +98,13 @@ class Normalizer:
         return self._event(index, get, extras)
 
     def _getter(self, raw: dict[str, Any]) -> Any:
+        columns = self._columns
+
         def get(name: str) -> Any:
-            value = raw.get(self.column(name))
-            return None if _blank(value) else value
+            value = raw.get(columns[name])
+            if value is None or (value.__class__ is str and not value.strip()):
+                return None
+            return value
 
         return get
 
@@ -198,8 +210,9 @@ def _with_id(index: int, key: str, record: Record) -> Record:
     """Give an id-less row a stable id from its content and its position in the file."""
     if record.values.get(key) is not None:
         return record
-    content = json.dumps([record.table, index, record.values], sort_keys=True, default=str)
-    digest = hashlib.sha1(content.encode("utf-8"), usedforsecurity=False).hexdigest()[:20]
+    # Records of one kind always list their values in the same order.
+    content = "\x1f".join([record.table, str(index), *map(repr, record.values.values())])
+    digest = hashlib.blake2b(content.encode("utf-8"), digest_size=10).hexdigest()
     return Record(record.table, {**record.values, key: f"~{digest}"})
 
 
@@ -233,7 +246,11 @@ def _amount(value: Any) -> int:
         raise RowError("missing amount")
     if isinstance(value, (bool, list | dict)):
         raise RowError(f"amount: {value!r} is not a number")
-    text = str(value).strip().replace(",", "").replace("¥", "").replace("￥", "").strip()
+    text = str(value).strip()
+    if _PLAIN_AMOUNT.match(text):
+        whole, _, fraction = text.partition(".")
+        return int(whole) * 100 + int((fraction + "00")[:2])
+    text = text.replace(",", "").replace("¥", "").replace("￥", "").strip()
     try:
         amount = Decimal(text)
     except InvalidOperation as exc:
