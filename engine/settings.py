@@ -83,7 +83,8 @@ def load_settings(path: str | None = None) -> Settings:
     except Exception as exc:  # InputError from the loader already says file:line:col
         raise SettingsError(str(exc)) from exc
     data = doc.data if doc.data is not None else {}
-    problems = _schema_problems(doc, data)
+    problems = [f"{doc.file}:{p.line}:{p.col}: {p.message}" for p in doc.problems]
+    problems += _schema_problems(doc, data)
     if problems:
         raise SettingsError("\n".join(problems))
     settings, problems = _build(doc, data, path)

@@ -26,6 +26,30 @@ _FLOAT = re.compile(r"^[-+]?(\d[\d_]*)?\.\d+([eE][-+]?\d+)?$|^[-+]?\d[\d_]*[eE][
 Path_ = tuple[str | int, ...]
 
 
+class YamlError(InputError):
+    """A YAML file cannot be read or parsed; carries the position of the problem."""
+
+    def __init__(self, file: str, line: int, col: int, message: str, excerpt: str = "") -> None:
+        self.file, self.line, self.col, self.message, self.excerpt = (
+            file,
+            line,
+            col,
+            message,
+            excerpt,
+        )
+        where = f"{file}:{line}:{col}" if line else file
+        super().__init__(f"{where}: {message}{excerpt}")
+
+
+@dataclass(frozen=True)
+class YamlProblem:
+    """A problem that does not stop the document from being read (a duplicate key)."""
+
+    line: int
+    col: int
+    message: str
+
+
 @dataclass(frozen=True)
 class Mark:
     """A 1-based line and column in a file."""
@@ -43,6 +67,7 @@ class YamlDoc:
     marks: dict[Path_, Mark] = field(default_factory=dict)
     key_marks: dict[Path_, Mark] = field(default_factory=dict)
     styles: dict[Path_, str] = field(default_factory=dict)
+    problems: list[YamlProblem] = field(default_factory=list)
 
     def mark(self, path: Path_) -> Mark:
         """The position of `path`, or of its nearest ancestor that has one."""
@@ -80,13 +105,14 @@ def load_yaml_file(path: str | Path) -> YamlDoc:
     try:
         raw = Path(path).read_bytes()
     except OSError as exc:
-        raise InputError(f"{name}: cannot read: {exc.strerror or exc}") from exc
+        raise YamlError(name, 0, 0, f"cannot read: {exc.strerror or exc}") from exc
     if len(raw) > MAX_BYTES:
-        raise InputError(f"{name}: file is {len(raw):,} bytes; the limit is {MAX_BYTES:,}")
+        raise YamlError(name, 0, 0, f"file is {len(raw):,} bytes; the limit is {MAX_BYTES:,}")
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise InputError(f"{name}: not UTF-8 text (byte {exc.start})") from exc
+        line = raw[: exc.start].count(b"\n") + 1
+        raise YamlError(name, line, 1, f"not UTF-8 text (byte {exc.start})") from exc
     return load_yaml_text(text, name)
 
 
@@ -95,9 +121,11 @@ def load_yaml_text(text: str, name: str = "<string>") -> YamlDoc:
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:
-        raise InputError(_syntax_message(name, text, exc)) from exc
+        raise _syntax_error(name, text, exc) from exc
     except yaml.YAMLError as exc:
-        raise InputError(f"{name}: invalid YAML: {exc}") from exc
+        raise YamlError(name, 1, 1, f"invalid YAML: {exc}") from exc
+    except RecursionError as exc:
+        raise YamlError(name, 1, 1, "the document is nested too deeply") from exc
     doc = YamlDoc(file=name, data=None)
     if node is None:
         return doc
@@ -115,50 +143,74 @@ class _Builder:
     def build(self, node: yaml.Node, path: Path_) -> Any:
         self.nodes += 1
         if self.nodes > MAX_NODES:
-            raise InputError(
-                f"{self.name}: document expands to over {MAX_NODES:,} values "
-                "(anchors/aliases repeated too often?)"
+            raise YamlError(
+                self.name,
+                node.start_mark.line + 1,
+                node.start_mark.column + 1,
+                f"the document expands to over {MAX_NODES:,} values "
+                "(anchors/aliases repeated too often?)",
             )
         mark = Mark(node.start_mark.line + 1, node.start_mark.column + 1)
         self.doc.marks[path] = mark
-        where = f"{self.name}:{mark.line}:{mark.col}"
         if isinstance(node, yaml.MappingNode):
-            if node.tag not in ("tag:yaml.org,2002:map",):
-                raise InputError(f"{where}: tag {node.tag!r} is not allowed")
+            self._check_tag(node, mark, _MAP_TAGS)
             result: dict[str, Any] = {}
             for key_node, value_node in node.value:
-                if not isinstance(key_node, yaml.ScalarNode):
-                    raise InputError(f"{where}: mapping keys must be plain text")
+                key_mark = Mark(key_node.start_mark.line + 1, key_node.start_mark.column + 1)
                 if key_node.tag == "tag:yaml.org,2002:merge":
-                    raise InputError(
-                        f"{where}: merge keys (<<) are not supported; write the keys out"
+                    raise YamlError(
+                        self.name,
+                        key_mark.line,
+                        key_mark.col,
+                        "merge keys (<<) are not supported; write the keys out",
+                    )
+                if not isinstance(key_node, yaml.ScalarNode):
+                    raise YamlError(
+                        self.name, key_mark.line, key_mark.col, "mapping keys must be plain text"
                     )
                 key = str(key_node.value)
                 if key in result:
-                    kmark = key_node.start_mark
-                    raise InputError(
-                        f"{self.name}:{kmark.line + 1}:{kmark.column + 1}: duplicate key {key!r}"
+                    first = self.doc.key_marks[(*path, key)]
+                    self.doc.problems.append(
+                        YamlProblem(
+                            key_mark.line,
+                            key_mark.col,
+                            f"duplicate key {key!r} (first at line {first.line})",
+                        )
                     )
-                key_start = key_node.start_mark
-                self.doc.key_marks[(*path, key)] = Mark(key_start.line + 1, key_start.column + 1)
+                    continue
+                self.doc.key_marks[(*path, key)] = key_mark
                 result[key] = self.build(value_node, (*path, key))
             return result
         if isinstance(node, yaml.SequenceNode):
-            if node.tag != "tag:yaml.org,2002:seq":
-                raise InputError(f"{where}: tag {node.tag!r} is not allowed")
+            self._check_tag(node, mark, _SEQ_TAGS)
             return [self.build(item, (*path, i)) for i, item in enumerate(node.value)]
         assert isinstance(node, yaml.ScalarNode)
+        self._check_tag(node, mark, _SCALAR_TAGS)
         if node.style:
             self.doc.styles[path] = node.style
-        return _scalar(node, where)
+        return _scalar(node)
+
+    def _check_tag(self, node: yaml.Node, mark: Mark, allowed: frozenset[str]) -> None:
+        if node.tag not in allowed:
+            raise YamlError(
+                self.name,
+                mark.line,
+                mark.col,
+                f"tag {node.tag!r} is not allowed (playbooks are plain data)",
+            )
 
 
-def _scalar(node: yaml.ScalarNode, where: str) -> Any:
+_CORE = "tag:yaml.org,2002:"
+_MAP_TAGS = frozenset({_CORE + "map"})
+_SEQ_TAGS = frozenset({_CORE + "seq"})
+_SCALAR_TAGS = frozenset(_CORE + t for t in ("str", "int", "float", "bool", "null", "timestamp"))
+
+
+def _scalar(node: yaml.ScalarNode) -> Any:
     value = str(node.value)
-    if node.tag == "tag:yaml.org,2002:str" or node.style in ("'", '"', "|", ">"):
+    if node.tag == _CORE + "str" or node.style in ("'", '"', "|", ">"):
         return value
-    if not node.tag.startswith("tag:yaml.org,2002:"):
-        raise InputError(f"{where}: tag {node.tag!r} is not allowed")
     if value in ("true", "false"):
         return value == "true"
     if value in ("null", "~", ""):
@@ -170,12 +222,12 @@ def _scalar(node: yaml.ScalarNode, where: str) -> Any:
     return value
 
 
-def _syntax_message(name: str, text: str, exc: yaml.MarkedYAMLError) -> str:
+def _syntax_error(name: str, text: str, exc: yaml.MarkedYAMLError) -> YamlError:
     mark = exc.problem_mark or exc.context_mark
     problem = exc.problem or exc.context or "invalid YAML"
     if mark is None:
-        return f"{name}: invalid YAML: {problem}"
+        return YamlError(name, 1, 1, f"invalid YAML: {problem}")
     lines = text.splitlines()
     line = lines[mark.line] if mark.line < len(lines) else ""
-    caret = " " * mark.column + "^"
-    return f"{name}:{mark.line + 1}:{mark.column + 1}: invalid YAML: {problem}\n  {line}\n  {caret}"
+    excerpt = f"\n  {line}\n  {' ' * mark.column}^"
+    return YamlError(name, mark.line + 1, mark.column + 1, f"invalid YAML: {problem}", excerpt)
