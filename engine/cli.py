@@ -19,8 +19,10 @@ from engine.features import build_features, iter_features
 from engine.ingest import KINDS, IngestOptions, ingest_file
 from engine.ingest.load import IngestResult, parse_mapping
 from engine.ingest.read import ByteCounter
+from engine.playbook import check_playbook_file, has_errors, playbook_files
 from engine.render import FORMATS, csv_text, json_line, table
 from engine.report import Report, build_report
+from engine.schemas import load_schema
 from engine.settings import Settings, load_settings, settings_path
 from engine.store import Store, default_db_path, open_store
 
@@ -373,6 +375,53 @@ def render_report(result: Report, settings: Settings) -> str:
             ),
         ]
     )
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="json: a list of {file, line, col, path, severity, message, hint}.",
+)
+@click.option(
+    "--settings",
+    "settings_file",
+    type=click.Path(dir_okay=False),
+    help="Settings file (custom features are part of the field catalog).",
+)
+def validate(paths: tuple[str, ...], fmt: str, settings_file: str | None) -> None:
+    """Check playbooks (files or folders): every problem, with file:line:col."""
+    settings = _settings(settings_file)
+    files = list(playbook_files(paths))
+    if not files:
+        raise click.UsageError(f"no playbooks (*.yaml, *.yml) in {', '.join(paths)}")
+    found = [d for path in files for d in check_playbook_file(path, settings)[1]]
+    if fmt == "json":
+        click.echo(json.dumps([d.to_dict() for d in found], ensure_ascii=False, indent=2))
+    else:
+        for diagnostic in found:
+            click.echo(diagnostic.format())
+        errors = sum(d.severity == "error" for d in found)
+        warnings = len(found) - errors
+        click.echo(
+            f"{len(files)} playbook{'s' if len(files) != 1 else ''} checked: "
+            f"{errors} error{'s' if errors != 1 else ''}, "
+            f"{warnings} warning{'s' if warnings != 1 else ''}",
+            err=True,
+        )
+    if has_errors(found):
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("name", type=click.Choice(["playbook", "settings"]), default="playbook")
+def schema(name: str) -> None:
+    """Print the JSON Schema of playbooks (or of the settings file)."""
+    click.echo(json.dumps(load_schema(name), ensure_ascii=False, indent=2))
 
 
 @cli.command()

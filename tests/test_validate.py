@@ -1,0 +1,148 @@
+"""Playbook validation: the golden corpus of broken playbooks, the examples, and the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from engine.cli import cli
+from engine.errors import InputError
+from engine.playbook import check_playbook_file, load_playbook
+from engine.settings import Settings
+
+ROOT = Path(__file__).parent.parent
+BAD = sorted((ROOT / "tests" / "data" / "bad").glob("*.yaml"))
+EXAMPLES = sorted((ROOT / "playbooks").glob("*.yaml"))
+
+
+def test_the_corpus_is_big_enough() -> None:
+    assert len(BAD) >= 40
+
+
+@pytest.mark.parametrize("path", BAD, ids=lambda p: p.stem)
+def test_broken_playbook_gives_exactly_the_expected_diagnostics(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(ROOT)
+    relative = path.relative_to(ROOT)
+    playbook, diagnostics = check_playbook_file(str(relative), Settings())
+    assert playbook is None
+    expected = path.with_suffix(".expected").read_text("utf-8")
+    assert "".join(d.format() + "\n" for d in diagnostics) == expected
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+def test_every_example_playbook_validates_cleanly(path: Path) -> None:
+    playbook, diagnostics = check_playbook_file(path, Settings())
+    assert diagnostics == []
+    assert playbook is not None and playbook.rules
+
+
+def test_lifecycle_playbook_model() -> None:
+    playbook = load_playbook(ROOT / "playbooks" / "lifecycle.yaml", Settings())
+    assert playbook.holdout == 0.10
+    assert playbook.quiet_hours == (21 * 60 + 30, 9 * 60)
+    assert [(c.max, c.window, c.window_seconds, c.channel) for c in playbook.caps] == [
+        (2, "7d", 7 * 86_400, None),
+        (4, "calendar_month", None, "wecom"),
+    ]
+    rules = {r.id: r for r in playbook.rules}
+    assert rules["sleeping-big-promo"].cooldown_seconds == 30 * 86_400
+    assert rules["sleeping-big-promo"].group == "promo"
+    assert rules["third-purchase-vip"].on == "order.created"
+    assert [a.kind for a in rules["loyal-thank-you"].actions] == ["tag", "task"]
+    assert rules["loyal-thank-you"].priority == 100
+    assert playbook.coupons["BIG50"].budget == 2000
+    assert len(playbook.content_hash) == 64
+
+
+def test_load_playbook_raises_with_every_error() -> None:
+    with pytest.raises(InputError) as caught:
+        load_playbook(ROOT / "tests" / "data" / "bad" / "55-many-problems.yaml", Settings())
+    assert len(str(caught.value).splitlines()) == 8
+
+
+def test_custom_features_are_valid_fields(tmp_path: Path) -> None:
+    settings_file = tmp_path / "s.yaml"
+    settings_file.write_text("features:\n  n_coupons: {count: coupon.redeemed}\n", "utf-8")
+    playbook = tmp_path / "p.yaml"
+    playbook.write_text(
+        "playbook: p\nversion: 1\nrules:\n  - id: r\n    when: n_coupons >= 2\n"
+        "    then:\n      - tag: {add: [coupon-lover]}\n",
+        "utf-8",
+    )
+    from engine.settings import load_settings
+
+    assert check_playbook_file(playbook, load_settings(str(settings_file)))[1] == []
+    assert "unknown field 'n_coupons'" in check_playbook_file(playbook, Settings())[1][0].message
+
+
+def test_cli_validate_text_and_exit_codes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ROOT)
+    runner = CliRunner()
+    ok = runner.invoke(cli, ["validate", "playbooks"])
+    assert ok.exit_code == 0, ok.output
+    plural = "s" if len(EXAMPLES) > 1 else ""
+    assert f"{len(EXAMPLES)} playbook{plural} checked: 0 errors, 0 warnings" in ok.output
+    bad = runner.invoke(
+        cli, ["validate", "tests/data/bad/01-unknown-field.yaml", "playbooks/lifecycle.yaml"]
+    )
+    assert bad.exit_code == 1
+    assert bad.output.splitlines()[0] == (
+        "tests/data/bad/01-unknown-field.yaml:7:11: rules[0].when: unknown field 'totl_spend' "
+        "(did you mean 'total_spend'?)"
+    )
+    assert "2 playbooks checked: 1 error, 0 warnings" in bad.output
+    missing = runner.invoke(cli, ["validate", "nope.yaml"])
+    assert missing.exit_code == 2
+    assert "nope.yaml: no such file or folder" in missing.output
+
+
+def test_cli_validate_json(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ROOT)
+    result = CliRunner().invoke(
+        cli, ["validate", "--format", "json", "tests/data/bad/55-many-problems.yaml"]
+    )
+    assert result.exit_code == 1
+    found = json.loads(result.output)
+    assert found[1] == {
+        "file": "tests/data/bad/55-many-problems.yaml",
+        "line": 7,
+        "col": 11,
+        "path": "rules[0].when",
+        "severity": "error",
+        "message": "unknown field 'totl_spend'",
+        "hint": "did you mean 'total_spend'?",
+    }
+    assert [d["severity"] for d in found] == ["error"] * 8
+
+
+def test_cli_schema_prints_the_shipped_schema() -> None:
+    result = CliRunner().invoke(cli, ["schema"])
+    schema = json.loads(result.output)
+    assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+    assert json.loads(CliRunner().invoke(cli, ["schema", "settings"]).output)["title"]
+
+
+def _walk(node: object, path: str = "") -> list[tuple[str, dict[str, object]]]:
+    found = []
+    if isinstance(node, dict):
+        if "properties" in node:
+            for key, value in node["properties"].items():
+                found.append((f"{path}.{key}", value))
+        for key, value in node.items():
+            found.extend(_walk(value, f"{path}/{key}"))
+    elif isinstance(node, list):
+        for item in node:
+            found.extend(_walk(item, path))
+    return found
+
+
+def test_every_schema_property_has_help_for_editors() -> None:
+    schema = json.loads((ROOT / "schemas" / "playbook.schema.json").read_text("utf-8"))
+    for where, prop in _walk(schema):
+        assert prop.get("description"), where
+        assert prop.get("examples"), where
