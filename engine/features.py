@@ -2,8 +2,8 @@
 
 `build_features` materialises one row per customer who existed at the as-of moment into
 a temporary table; every value uses only facts strictly before that moment, so features
-as of T never change when later events arrive. No per-customer Python loop: it is one
-SQL statement of aggregates, joins and window functions.
+as of T never change when later events arrive. No per-customer Python loop: a few
+set-based SQL statements (see the stages below).
 """
 
 from __future__ import annotations
@@ -28,107 +28,105 @@ _FRIEND_FROM = (
 )
 _PLACEHOLDER = re.compile(r"\?")
 
-# One pass over each source table; the window functions rank buyers for RFM. A score is
-# 1 + floor(5 * (buyers ranked strictly below) / buyers): equal values share a score, the
-# lowest value scores 1 and the top fifth scores 5 (for R, "higher" means more recent).
-_FEATURES_SQL = """
-WITH
-o AS (
-  SELECT customer_id,
-         count(*) AS n,
-         sum(amount_cents) AS gross,
-         min(ts) AS first_ts,
-         max(ts) AS last_ts,
-         count(DISTINCT category) AS cats,
-         sum(ts >= :t30) AS n30,
-         sum(CASE WHEN ts >= :t90 THEN amount_cents ELSE 0 END) AS gross90
-  FROM orders WHERE ts < :t GROUP BY customer_id
-),
-r AS (
-  -- A refund counts against the window of the order it refunds (its own time if unknown).
-  SELECT f.customer_id,
-         sum(f.amount_cents) AS refunded,
-         sum(CASE WHEN coalesce(po.ts, f.ts) >= :t90 THEN f.amount_cents ELSE 0 END)
-           AS refunded90
-  FROM refunds f LEFT JOIN orders po ON po.order_id = f.order_id
-  WHERE f.ts < :t GROUP BY f.customer_id
-),
-e AS (
-  SELECT customer_id,
-         max(CASE WHEN type = 'friend.added' THEN ts END) AS friend_added,
-         max(CASE WHEN type = 'friend.deleted' THEN ts END) AS friend_deleted,
-         sum(type = 'group.joined') - sum(type = 'group.left') AS groups
-  FROM events
-  WHERE ts < :t AND type IN ('friend.added', 'friend.deleted', 'group.joined', 'group.left')
-  GROUP BY customer_id
-){custom_ctes},
-base AS MATERIALIZED (
-  SELECT c.customer_id, c.name, c.external_userid, c.owner, c.phone, c.channel, c.joined_at,
-         c.opted_out, c.tags,
-         coalesce(o.n, 0) AS order_count,
-         coalesce(o.gross, 0) - coalesce(r.refunded, 0) AS spend_cents,
-         coalesce(o.gross90, 0) - coalesce(r.refunded90, 0) AS spend90_cents,
-         o.first_ts AS first_order_at,
-         o.last_ts AS last_order_at,
-         :today - (o.last_ts + :off) / 86400 AS days_since_last_order,
-         :today - (o.first_ts + :off) / 86400 AS days_since_first_order,
-         coalesce(o.cats, 0) AS distinct_categories,
-         coalesce(o.n30, 0) AS orders_last_30d,
-         CASE WHEN coalesce(max(e.friend_added, {friend_from}), e.friend_added, {friend_from})
-                   > coalesce(e.friend_deleted, -1)
-              THEN 1 ELSE 0 END AS is_friend,
-         CASE WHEN coalesce(e.groups, 0) > 0 THEN 1 ELSE 0 END AS in_group{custom_columns}
-  FROM customers c
-  LEFT JOIN o ON o.customer_id = c.customer_id
-  LEFT JOIN r ON r.customer_id = c.customer_id
-  LEFT JOIN e ON e.customer_id = c.customer_id{custom_joins}
-  WHERE c.joined_at < :t
-     OR (c.joined_at IS NULL AND c.auto_created = 0)
-     OR o.customer_id IS NOT NULL OR r.customer_id IS NOT NULL
-     OR EXISTS (SELECT 1 FROM events x WHERE x.customer_id = c.customer_id AND x.ts < :t)
-),
-stats AS (
-  SELECT count(*) AS buyers,
-         avg(days_since_last_order) AS mean_r,
-         avg(order_count) AS mean_f,
-         avg(spend_cents) AS mean_m
-  FROM base WHERE order_count > 0
-)
-SELECT b.customer_id, b.name, b.external_userid, b.owner, b.phone, b.channel, b.joined_at,
-       b.opted_out, b.tags,
-       b.order_count,
-       b.spend_cents / 100.0 AS total_spend,
-       b.first_order_at, b.last_order_at,
-       b.days_since_last_order, b.days_since_first_order,
-       CASE WHEN b.order_count > 0 THEN round(b.spend_cents / 100.0 / b.order_count, 2)
-       END AS avg_order_value,
-       b.distinct_categories, b.orders_last_30d,
-       b.spend90_cents / 100.0 AS spend_last_90d,
-       b.is_friend, b.in_group{custom_select},
-       CASE WHEN b.order_count > 0 AND b.spend_cents >= :loyal_cents THEN 'L'
-            WHEN b.order_count > 0 THEN 'P'
-            WHEN b.in_group THEN 'I'
-            WHEN b.is_friend THEN 'A' END AS aipl_stage,
-       CASE WHEN b.order_count = 0 THEN 'prospect'
-            WHEN b.days_since_last_order <= :active THEN 'active'
-            WHEN b.days_since_last_order <= :silent THEN 'silent'
-            WHEN b.days_since_last_order <= :sleeping THEN 'sleeping'
+# The build runs in stages so that nothing wide is ever sorted: per-customer aggregates of
+# each source go into narrow keyed tables, RFM ranks are computed from small histograms of
+# those, and one final pass over customers joins it all into the features table.
+_ORDERS_SQL = """
+INSERT INTO temp."{t}__o"
+SELECT customer_id, count(*), sum(amount_cents), min(ts), max(ts), count(DISTINCT category),
+       sum(ts >= :t30), sum(CASE WHEN ts >= :t90 THEN amount_cents ELSE 0 END)
+FROM orders WHERE ts < :t GROUP BY customer_id
+"""
+# A refund counts against the window of the order it refunds (its own time if unknown).
+_REFUNDS_SQL = """
+INSERT INTO temp."{t}__r"
+SELECT f.customer_id, sum(f.amount_cents),
+       sum(CASE WHEN coalesce(po.ts, f.ts) >= :t90 THEN f.amount_cents ELSE 0 END)
+FROM refunds f LEFT JOIN orders po ON po.order_id = f.order_id
+WHERE f.ts < :t GROUP BY f.customer_id
+"""
+_EVENTS_SQL = """
+INSERT INTO temp."{t}__e"
+SELECT customer_id,
+       max(CASE WHEN type = 'friend.added' THEN ts END),
+       max(CASE WHEN type = 'friend.deleted' THEN ts END),
+       sum(type = 'group.joined') - sum(type = 'group.left')
+FROM events
+WHERE ts < :t AND type IN ('friend.added', 'friend.deleted', 'group.joined', 'group.left')
+GROUP BY customer_id
+"""
+_STAGES = {
+    "o": "customer_id TEXT PRIMARY KEY, n INTEGER, gross INTEGER, first_ts INTEGER, "
+    "last_ts INTEGER, cats INTEGER, n30 INTEGER, gross90 INTEGER",
+    "r": "customer_id TEXT PRIMARY KEY, refunded INTEGER, refunded90 INTEGER",
+    "e": "customer_id TEXT PRIMARY KEY, friend_added INTEGER, friend_deleted INTEGER, "
+    "groups INTEGER",
+    "rank_r": "v PRIMARY KEY, s INTEGER",
+    "rank_f": "v PRIMARY KEY, s INTEGER",
+    "rank_m": "v PRIMARY KEY, s INTEGER",
+}
+_DAYS = ":today - (o.last_ts + :off) / 86400"
+_SPEND = "o.gross - coalesce(r.refunded, 0)"
+_BUYERS = 'temp."{t}__o" o LEFT JOIN temp."{t}__r" r ON r.customer_id = o.customer_id'
+_STATS_SQL = f"SELECT count(*), avg({_DAYS}), avg(o.n), avg({_SPEND}) FROM {_BUYERS}"
+# A score is 1 + floor(5 * (buyers ranked strictly below) / buyers): equal values share a
+# score, the lowest value scores 1 and the top fifth scores 5 ("higher" R = more recent).
+_RANK_SQL = """
+INSERT INTO temp."{{t}}__rank_{name}"
+SELECT v, 1 + 5 * coalesce(sum(n) OVER (ORDER BY v {order}
+                                        ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0)
+              / :buyers
+FROM (SELECT {value} AS v, count(*) AS n FROM {buyers} GROUP BY 1)
+"""
+_RANKS = {
+    "r": _RANK_SQL.format(name="r", order="DESC", value=_DAYS, buyers=_BUYERS),
+    "f": _RANK_SQL.format(name="f", order="ASC", value="o.n", buyers=_BUYERS),
+    "m": _RANK_SQL.format(name="m", order="ASC", value=_SPEND, buyers=_BUYERS),
+}
+_FEATURES_SQL = """{custom_ctes}
+SELECT c.customer_id, c.name, c.external_userid, c.owner, c.phone, c.channel, c.joined_at,
+       c.opted_out, c.tags,
+       coalesce(o.n, 0) AS order_count,
+       coalesce({spend}, 0) / 100.0 AS total_spend,
+       o.first_ts AS first_order_at,
+       o.last_ts AS last_order_at,
+       {days} AS days_since_last_order,
+       :today - (o.first_ts + :off) / 86400 AS days_since_first_order,
+       CASE WHEN o.n > 0 THEN round(({spend}) / 100.0 / o.n, 2) END AS avg_order_value,
+       coalesce(o.cats, 0) AS distinct_categories,
+       coalesce(o.n30, 0) AS orders_last_30d,
+       (coalesce(o.gross90, 0) - coalesce(r.refunded90, 0)) / 100.0 AS spend_last_90d,
+       CASE WHEN coalesce(max(e.friend_added, {friend_from}), e.friend_added, {friend_from})
+                 > coalesce(e.friend_deleted, -1)
+            THEN 1 ELSE 0 END AS is_friend,
+       CASE WHEN coalesce(e.groups, 0) > 0 THEN 1 ELSE 0 END AS in_group{custom_columns},
+       CASE WHEN o.n > 0 AND {spend} >= :loyal_cents THEN 'L'
+            WHEN o.n > 0 THEN 'P'
+            WHEN coalesce(e.groups, 0) > 0 THEN 'I'
+            WHEN coalesce(max(e.friend_added, {friend_from}), e.friend_added, {friend_from})
+                 > coalesce(e.friend_deleted, -1) THEN 'A' END AS aipl_stage,
+       CASE WHEN o.n IS NULL THEN 'prospect'
+            WHEN {days} <= :active THEN 'active'
+            WHEN {days} <= :silent THEN 'silent'
+            WHEN {days} <= :sleeping THEN 'sleeping'
             ELSE 'churned' END AS lifecycle,
-       CASE WHEN b.order_count > 0 THEN 1 + 5 * (rank() OVER (
-         PARTITION BY b.order_count > 0 ORDER BY b.days_since_last_order DESC) - 1) / s.buyers
-       END AS rfm_r,
-       CASE WHEN b.order_count > 0 THEN 1 + 5 * (rank() OVER (
-         PARTITION BY b.order_count > 0 ORDER BY b.order_count) - 1) / s.buyers
-       END AS rfm_f,
-       CASE WHEN b.order_count > 0 THEN 1 + 5 * (rank() OVER (
-         PARTITION BY b.order_count > 0 ORDER BY b.spend_cents) - 1) / s.buyers
-       END AS rfm_m,
-       CASE WHEN b.order_count > 0 THEN
-         CASE WHEN b.spend_cents >= s.mean_m THEN 'important_' ELSE 'general_' END ||
-         CASE (b.days_since_last_order <= s.mean_r) * 2 + (b.order_count >= s.mean_f)
+       rr.s AS rfm_r, rf.s AS rfm_f, rm.s AS rfm_m,
+       CASE WHEN o.n > 0 THEN
+         CASE WHEN {spend} >= :mean_m THEN 'important_' ELSE 'general_' END ||
+         CASE ({days} <= :mean_r) * 2 + (o.n >= :mean_f)
               WHEN 3 THEN 'value' WHEN 2 THEN 'develop' WHEN 1 THEN 'retain' ELSE 'winback' END
        END AS rfm_segment
-FROM base b CROSS JOIN stats s
+FROM customers c
+LEFT JOIN temp."{t}__o" o ON o.customer_id = c.customer_id
+LEFT JOIN temp."{t}__r" r ON r.customer_id = c.customer_id
+LEFT JOIN temp."{t}__e" e ON e.customer_id = c.customer_id
+LEFT JOIN temp."{t}__rank_r" rr ON rr.v = {days}
+LEFT JOIN temp."{t}__rank_f" rf ON rf.v = o.n
+LEFT JOIN temp."{t}__rank_m" rm ON rm.v = {spend}{custom_joins}
+WHERE c.joined_at < :t
+   OR (c.joined_at IS NULL AND c.auto_created = 0)
+   OR o.customer_id IS NOT NULL OR r.customer_id IS NOT NULL
+   OR EXISTS (SELECT 1 FROM events x WHERE x.customer_id = c.customer_id AND x.ts < :t)
 """
 
 
@@ -141,11 +139,9 @@ class FeatureTable:
     rows: int
 
 
-def features_query(settings: Settings, as_of: int) -> tuple[str, dict[str, Any]]:
-    """The SQL (and its parameters) that computes every feature as of `as_of`."""
-    tz = settings.tz
-    offset = utc_offset(as_of, tz)
-    params: dict[str, Any] = {
+def _parameters(settings: Settings, as_of: int) -> dict[str, Any]:
+    offset = utc_offset(as_of, settings.tz)
+    return {
         "t": as_of,
         "t30": as_of - 30 * DAY,
         "t90": as_of - 90 * DAY,
@@ -156,22 +152,30 @@ def features_query(settings: Settings, as_of: int) -> tuple[str, dict[str, Any]]
         "silent": settings.silent_days,
         "sleeping": settings.sleeping_days,
     }
-    ctes, columns, joins, select = [], [], [], []
+
+
+def features_query(
+    settings: Settings, as_of: int, table: str = FEATURE_TABLE
+) -> tuple[str, dict[str, Any]]:
+    """The final statement of the build (and its parameters, less the buyers' statistics)."""
+    params = _parameters(settings, as_of)
+    ctes, columns, joins = [], [], []
     for index, feature in enumerate(settings.custom_features):
         alias = f"cf{index}"
         cte_sql, cte_params = _custom_feature_cte(feature, alias, settings)
         params.update(cte_params)
-        ctes.append(f",\n{alias} AS (\n{cte_sql}\n)")
+        ctes.append(f"{alias} AS (\n{cte_sql}\n)")
         default = "0" if feature.aggregate in ("count", "sum") else "NULL"
-        columns.append(f',\n         coalesce({alias}.v, {default}) AS "{feature.name}"')
-        joins.append(f"\n  LEFT JOIN {alias} ON {alias}.customer_id = c.customer_id")
-        select.append(f',\n       b."{feature.name}"')
+        columns.append(f',\n       coalesce({alias}.v, {default}) AS "{feature.name}"')
+        joins.append(f"\nLEFT JOIN {alias} ON {alias}.customer_id = c.customer_id")
     sql = _FEATURES_SQL.format(
+        t=table,
+        days=_DAYS,
+        spend=_SPEND,
         friend_from=_FRIEND_FROM,
-        custom_ctes="".join(ctes),
+        custom_ctes=f"WITH {', '.join(ctes)}" if ctes else "",
         custom_columns="".join(columns),
         custom_joins="".join(joins),
-        custom_select="".join(select),
     )
     return sql, params
 
@@ -218,13 +222,29 @@ def build_features(
     store: Store, settings: Settings, as_of: int, *, table: str = FEATURE_TABLE
 ) -> FeatureTable:
     """Materialise features as of `as_of` into the temporary table `table`."""
-    sql, params = features_query(settings, as_of)
     conn = store.conn
-    conn.execute(f'DROP TABLE IF EXISTS temp."{table}"')
+    sql, params = features_query(settings, as_of, table)
+    _drop(conn, table)
+    for stage, columns in _STAGES.items():
+        conn.execute(f'CREATE TEMP TABLE "{table}__{stage}" ({columns}) WITHOUT ROWID')
+    for statement in (_ORDERS_SQL, _REFUNDS_SQL, _EVENTS_SQL):
+        conn.execute(statement.format(t=table), params)
+    buyers, mean_r, mean_f, mean_m = conn.execute(_STATS_SQL.format(t=table), params).fetchone()
+    params.update(buyers=buyers or 1, mean_r=mean_r, mean_f=mean_f, mean_m=mean_m)
+    for statement in _RANKS.values():
+        conn.execute(statement.format(t=table), params)
     conn.execute(f'CREATE TEMP TABLE "{table}" AS {sql}', params)
     conn.execute(f'CREATE UNIQUE INDEX temp."{table}_customer" ON "{table}" (customer_id)')
+    for stage in _STAGES:
+        conn.execute(f'DROP TABLE temp."{table}__{stage}"')
     rows = conn.execute(f'SELECT count(*) FROM temp."{table}"').fetchone()[0]
     return FeatureTable(table=table, as_of=as_of, rows=int(rows))
+
+
+def _drop(conn: Any, table: str) -> None:
+    conn.execute(f'DROP TABLE IF EXISTS temp."{table}"')
+    for stage in _STAGES:
+        conn.execute(f'DROP TABLE IF EXISTS temp."{table}__{stage}"')
 
 
 def iter_features(
