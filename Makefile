@@ -25,6 +25,7 @@ $(VENV)/.installed-test: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(BIN)/playbook demo --db $(DEMO_DB) --replace
+	$(BIN)/playbook validate playbooks
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import pytest
+import yaml
 from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from engine.cli import cli
 from engine.errors import InputError
@@ -146,3 +150,51 @@ def test_every_schema_property_has_help_for_editors() -> None:
     for where, prop in _walk(schema):
         assert prop.get("description"), where
         assert prop.get("examples"), where
+
+
+LIFECYCLE = (ROOT / "playbooks" / "lifecycle.yaml").read_text("utf-8")
+_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-5, 5000)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=30),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(start=st.integers(0, len(LIFECYCLE)), length=st.integers(0, 40), insert=st.text(max_size=20))
+def test_validator_never_crashes_on_mangled_text(start: int, length: int, insert: str) -> None:
+    text = LIFECYCLE[:start] + insert + LIFECYCLE[start + length :]
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "p.yaml"
+        path.write_text(text, "utf-8")
+        playbook, diagnostics = check_playbook_file(path, Settings())
+    assert (playbook is None) == any(d.severity == "error" for d in diagnostics)
+    for d in diagnostics:
+        assert d.line >= 0 and d.col >= 0 and d.message
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_validator_never_crashes_on_odd_values(data: st.DataObject) -> None:
+    document = yaml.safe_load(LIFECYCLE)
+    node = document
+    # Walk to a random place in the document and replace it with a random value.
+    while isinstance(node, dict | list) and node and data.draw(st.booleans()):
+        keys = list(node) if isinstance(node, dict) else list(range(len(node)))
+        key = data.draw(st.sampled_from(keys))
+        if not isinstance(node[key], dict | list):
+            break
+        node = node[key]
+    if isinstance(node, dict | list) and node:
+        keys = list(node) if isinstance(node, dict) else list(range(len(node)))
+        node[data.draw(st.sampled_from(keys))] = data.draw(_values)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "p.yaml"
+        path.write_text(yaml.safe_dump(document, allow_unicode=True), "utf-8")
+        check_playbook_file(path, Settings())

@@ -213,7 +213,9 @@ def _with_id(index: int, key: str, record: Record) -> Record:
     # Records of one kind always list their values in the same order.
     content = "\x1f".join([record.table, str(index), *map(repr, record.values.values())])
     digest = hashlib.blake2b(content.encode("utf-8"), digest_size=10).hexdigest()
-    return Record(record.table, {**record.values, key: f"~{digest}"})
+    # Led by the time, so rows arriving in time order append to the id index rather than
+    # landing at random places in it.
+    return Record(record.table, {**record.values, key: f"~{record.values['ts']:011d}-{digest}"})
 
 
 def _blank(value: Any) -> bool:

@@ -173,7 +173,7 @@ class _Checker:
         rules = []
         seen_ids: dict[str, int] = {}
         group_priorities: dict[tuple[str, int], str] = {}
-        for index, rule in enumerate(data.get("rules") or []):
+        for index, rule in enumerate(_list(data.get("rules"))):
             if isinstance(rule, dict):
                 built = self.check_rule(
                     index,
@@ -348,7 +348,7 @@ class _Checker:
         expires = self.positive_duration(at, rule, "expires")
         self.check_dates(at, rule)
         actions = []
-        for number, action in enumerate(rule.get("then") or []):
+        for number, action in enumerate(_list(rule.get("then"))):
             if isinstance(action, dict) and len(action) == 1:
                 built = self.check_action(
                     (*at, "then", number),
@@ -488,7 +488,7 @@ class _Checker:
             if body.get("channel") == "wecom" and isinstance(templates[template], str):
                 self.check_wecom_length(template, templates[template])
         if kind == "tag":
-            both = set(body.get("add") or []) & set(body.get("remove") or [])
+            both = set(_strings(body.get("add"))) & set(_strings(body.get("remove")))
             if both:
                 self.warning(at, f"tag {sorted(both)[0]!r} is both added and removed")
         return Action(
@@ -497,8 +497,8 @@ class _Checker:
             template=template if isinstance(template, str) else None,
             coupon=coupon if isinstance(coupon, str) else None,
             group=group,
-            add_tags=tuple(body.get("add") or ()),
-            remove_tags=tuple(body.get("remove") or ()),
+            add_tags=tuple(_strings(body.get("add"))),
+            remove_tags=tuple(_strings(body.get("remove"))),
             assign_to=body.get("assign_to"),
             note=body.get("note"),
         )
@@ -614,3 +614,11 @@ class _Checker:
 
 def _mapping(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def _strings(value: Any) -> list[str]:
+    return [v for v in _list(value) if isinstance(v, str)]
