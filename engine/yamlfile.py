@@ -68,6 +68,7 @@ class YamlDoc:
     key_marks: dict[Path_, Mark] = field(default_factory=dict)
     styles: dict[Path_, str] = field(default_factory=dict)
     problems: list[YamlProblem] = field(default_factory=list)
+    lines: list[str] = field(default_factory=list, repr=False)
 
     def mark(self, path: Path_) -> Mark:
         """The position of `path`, or of its nearest ancestor that has one."""
@@ -82,21 +83,45 @@ class YamlDoc:
         return self.key_marks.get(path) or self.mark(path)
 
     def mark_in_string(self, path: Path_, offset: int) -> Mark:
-        """The position of character `offset` inside the string value at `path`.
+        """The position in the file of character `offset` of the string value at `path`.
 
-        Exact for strings on one line (plain or quoted, without escapes before the
-        offset); for block scalars, the line of the offset and its column in the text.
+        Exact for plain, quoted, literal (|) and folded (>) strings, on one line or
+        several; inside double quotes, escape sequences before the offset shift it.
         """
         start = self.mark(path)
         style = self.styles.get(path, "")
-        value = self.data
+        value: Any = self.data
         for part in path:
             value = value[part]
-        before = str(value)[:offset]
-        if style in ("|", ">"):
-            lines = before.split("\n")
-            return Mark(start.line + len(lines), len(lines[-1]) + 1 + (start.col - 1))
-        return Mark(start.line, start.col + offset + (1 if style in ("'", '"') else 0))
+        if not isinstance(value, str) or not self.lines:
+            return start
+        if style == "|":
+            return self._in_literal(start, value, offset)
+        first = start.line - 1 if style != ">" else start.line
+        pos = 0
+        for index in range(first, len(self.lines)):
+            line = self.lines[index]
+            begin = (
+                start.col - 1 + (1 if style in ("'", '"') else 0)
+                if index == start.line - 1
+                else (len(line) - len(line.lstrip()))
+            )
+            segment = line[begin:].rstrip()
+            if style in ("'", '"') and segment.endswith(style):
+                segment = segment[:-1]
+            if offset <= pos + len(segment) or index == len(self.lines) - 1:
+                return Mark(index + 1, begin + (offset - pos) + 1)
+            pos += len(segment) + 1  # folded lines join with one space
+        return start
+
+    def _in_literal(self, start: Mark, value: str, offset: int) -> Mark:
+        before = value[:offset].split("\n")
+        line_index = start.line + len(before) - 1  # content starts on the line after "|"
+        if line_index >= len(self.lines):
+            return start
+        content = [ln for ln in self.lines[start.line :] if ln.strip()]
+        indent = len(content[0]) - len(content[0].lstrip()) if content else 0
+        return Mark(line_index + 1, indent + len(before[-1]) + 1)
 
 
 def load_yaml_file(path: str | Path) -> YamlDoc:
@@ -126,7 +151,7 @@ def load_yaml_text(text: str, name: str = "<string>") -> YamlDoc:
         raise YamlError(name, 1, 1, f"invalid YAML: {exc}") from exc
     except RecursionError as exc:
         raise YamlError(name, 1, 1, "the document is nested too deeply") from exc
-    doc = YamlDoc(file=name, data=None)
+    doc = YamlDoc(file=name, data=None, lines=text.splitlines())
     if node is None:
         return doc
     builder = _Builder(doc, name)

@@ -560,7 +560,7 @@ def test_to_nnf_examples() -> None:
 
 P_FIELDS: dict[str, SqlField] = {
     "n": SqlField('r."n"', NUMBER),
-    "s": SqlField('r."s"', enum("a", "b", "c")),
+    "s": SqlField('r."s"', STRING),
     "b": SqlField('r."b"', BOOL),
     "t": SqlField('r."t"', STRING_LIST),
     "ts": SqlField('r."ts"', TIMESTAMP),

@@ -110,6 +110,13 @@ def _check_atom(atom: Atom, fields: Mapping[str, FieldType]) -> Iterator[Conditi
         if kind == "bool" and atom.op not in ("==", "!="):
             message = f"{name} is a yes/no field; compare it only with == or !="
             yield _problem(atom.span, message)
+        elif ftype.allowed is not None and atom.op not in ("==", "!="):
+            # Enum values have no order: "sleeping" > "active" would compare spellings.
+            yield _problem(
+                atom.span,
+                f"{name} has no order; compare it with == or !=",
+                f"to match several values write {name} in [...]",
+            )
     elif isinstance(atom, InList):
         for value in atom.values:
             yield from _check_value(name, ftype, value)
@@ -143,7 +150,7 @@ def _check_enum(name: str, allowed: tuple[str, ...], lit: Literal) -> Iterator[C
     if value in allowed:
         return
     listed = ", ".join(allowed[:_MAX_LISTED]) + (", ..." if len(allowed) > _MAX_LISTED else "")
-    close = difflib.get_close_matches(value, allowed, n=1)
+    close = difflib.get_close_matches(value.lower(), allowed, n=1)
     hint = f"did you mean '{close[0]}'? allowed: {listed}" if close else f"allowed: {listed}"
     yield _problem(lit.span, f"{name} can never be '{value}'", hint)
 

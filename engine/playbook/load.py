@@ -387,8 +387,8 @@ class _Checker:
         return fields
 
     def check_condition(self, at: PathT, text: Any, event: str | None) -> Condition | None:
-        if not isinstance(text, str):
-            return None
+        if not isinstance(text, str) or not text:
+            return None  # the schema reports it
         path = (*at, "when")
         try:
             condition = parse_condition(text)
