@@ -198,3 +198,20 @@ def test_validator_never_crashes_on_odd_values(data: st.DataObject) -> None:
         path = Path(folder) / "p.yaml"
         path.write_text(yaml.safe_dump(document, allow_unicode=True), "utf-8")
         check_playbook_file(path, Settings())
+
+
+def test_huge_files_are_refused_without_reading_them_as_yaml(tmp_path: Path) -> None:
+    path = tmp_path / "huge.yaml"
+    path.write_text("playbook: x\n" + "# padding\n" * 120_000, "utf-8")
+    playbook, diagnostics = check_playbook_file(path, Settings())
+    assert playbook is None
+    assert [d.message for d in diagnostics] == [
+        f"file is {path.stat().st_size:,} bytes; the limit is 1,000,000"
+    ]
+
+
+def test_non_utf8_file(tmp_path: Path) -> None:
+    path = tmp_path / "gbk.yaml"
+    path.write_bytes("playbook: 生命周期\n".encode("gbk"))
+    (diagnostic,) = check_playbook_file(path, Settings())[1]
+    assert diagnostic.message.startswith("not UTF-8 text")
