@@ -64,28 +64,25 @@ _STAGES = {
     "r": "customer_id TEXT PRIMARY KEY, refunded INTEGER, refunded90 INTEGER",
     "e": "customer_id TEXT PRIMARY KEY, friend_added INTEGER, friend_deleted INTEGER, "
     "groups INTEGER",
-    "rank_r": "v INTEGER PRIMARY KEY, s INTEGER",
-    "rank_f": "v INTEGER PRIMARY KEY, s INTEGER",
-    "rank_m": "v INTEGER PRIMARY KEY, s INTEGER",
 }
 _DAYS = ":today - (o.last_ts + :off) / 86400"
 _SPEND = "o.gross - coalesce(r.refunded, 0)"
 _BUYERS = 'temp."{t}__o" o LEFT JOIN temp."{t}__r" r ON r.customer_id = o.customer_id'
-_STATS_SQL = f"SELECT count(*), avg({_DAYS}), avg(o.n), avg({_SPEND}) FROM {_BUYERS}"
-# A score is 1 + floor(5 * (buyers ranked strictly below) / buyers): equal values share a
-# score, the lowest value scores 1 and the top fifth scores 5 ("higher" R = more recent).
-_RANK_SQL = """
-INSERT INTO temp."{{t}}__rank_{name}"
-SELECT v, 1 + 5 * coalesce(sum(n) OVER (ORDER BY v {order}
-                                        ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0)
-              / :buyers
-FROM (SELECT {value} AS v, count(*) AS n FROM {buyers} GROUP BY 1)
+# RFM scores are 1 + floor(5 * (buyers ranked strictly below) / buyers): equal values share
+# a score, the lowest scores 1 and the top fifth 5. That is a step function of the value,
+# so four thresholds per measure decide it (see `_thresholds`). R and F have few distinct
+# values: one small histogram gives both. M's thresholds come from one sort of the spends.
+_RF_HISTOGRAM_SQL = f"SELECT {_DAYS}, o.n, count(*) FROM {_BUYERS} GROUP BY 1, 2"
+_M_QUANTILES_SQL = f"""
+SELECT rn, v, mean FROM (
+  SELECT {_SPEND} AS v, row_number() OVER (ORDER BY {_SPEND}) AS rn, avg({_SPEND}) OVER () AS mean
+  FROM {_BUYERS})
+WHERE rn IN (?, ?, ?, ?)
 """
-_RANKS = {
-    "r": _RANK_SQL.format(name="r", order="DESC", value=_DAYS, buyers=_BUYERS),
-    "f": _RANK_SQL.format(name="f", order="ASC", value="o.n", buyers=_BUYERS),
-    "m": _RANK_SQL.format(name="m", order="ASC", value=_SPEND, buyers=_BUYERS),
-}
+_SCORE = (
+    "CASE WHEN o.n > 0 THEN 1 + ({v} {op} :{m}1) + ({v} {op} :{m}2) + ({v} {op} :{m}3) + "
+    "({v} {op} :{m}4) END"
+)
 _FEATURES_SQL = """{custom_ctes}
 SELECT c.customer_id, c.name, c.external_userid, c.owner, c.phone, c.channel, c.joined_at,
        c.opted_out, c.tags,
@@ -113,7 +110,9 @@ SELECT c.customer_id, c.name, c.external_userid, c.owner, c.phone, c.channel, c.
             WHEN {days} <= :silent THEN 'silent'
             WHEN {days} <= :sleeping THEN 'sleeping'
             ELSE 'churned' END AS lifecycle,
-       rr.s AS rfm_r, rf.s AS rfm_f, rm.s AS rfm_m,
+       {score_r} AS rfm_r,
+       {score_f} AS rfm_f,
+       {score_m} AS rfm_m,
        CASE WHEN o.n > 0 THEN
          CASE WHEN {spend} >= :mean_m THEN 'important_' ELSE 'general_' END ||
          CASE ({days} <= :mean_r) * 2 + (o.n >= :mean_f)
@@ -122,10 +121,7 @@ SELECT c.customer_id, c.name, c.external_userid, c.owner, c.phone, c.channel, c.
 FROM customers c
 LEFT JOIN temp."{t}__o" o ON o.customer_id = c.customer_id
 LEFT JOIN temp."{t}__r" r ON r.customer_id = c.customer_id
-LEFT JOIN temp."{t}__e" e ON e.customer_id = c.customer_id
-LEFT JOIN temp."{t}__rank_r" rr ON rr.v = {days}
-LEFT JOIN temp."{t}__rank_f" rf ON rf.v = o.n
-LEFT JOIN temp."{t}__rank_m" rm ON rm.v = {spend}{custom_joins}
+LEFT JOIN temp."{t}__e" e ON e.customer_id = c.customer_id{custom_joins}
 WHERE c.joined_at < :t
    OR (c.joined_at IS NULL AND c.auto_created = 0)
    OR o.customer_id IS NOT NULL OR r.customer_id IS NOT NULL
@@ -176,6 +172,9 @@ def features_query(
         days=_DAYS,
         spend=_SPEND,
         friend_from=_FRIEND_FROM,
+        score_r=_SCORE.format(v=_DAYS, op="<", m="r"),
+        score_f=_SCORE.format(v="o.n", op=">", m="f"),
+        score_m=_SCORE.format(v=_SPEND, op=">", m="m"),
         custom_ctes=f"WITH {', '.join(ctes)}" if ctes else "",
         custom_columns="".join(columns),
         custom_joins="".join(joins),
@@ -232,16 +231,60 @@ def build_features(
         conn.execute(f'CREATE TEMP TABLE "{table}__{stage}" ({columns}) WITHOUT ROWID')
     for statement in (_ORDERS_SQL, _REFUNDS_SQL, _EVENTS_SQL):
         conn.execute(statement.format(t=table), params)
-    buyers, mean_r, mean_f, mean_m = conn.execute(_STATS_SQL.format(t=table), params).fetchone()
-    params.update(buyers=buyers or 1, mean_r=mean_r, mean_f=mean_f, mean_m=mean_m)
-    for statement in _RANKS.values():
-        conn.execute(statement.format(t=table), params)
+    params.update(_rfm_parameters(conn, table, params))
     conn.execute(f'CREATE TEMP TABLE "{table}" AS {sql}', params)
     conn.execute(f'CREATE UNIQUE INDEX temp."{table}_customer" ON "{table}" (customer_id)')
     for stage in _STAGES:
         conn.execute(f'DROP TABLE temp."{table}__{stage}"')
     rows = conn.execute(f'SELECT count(*) FROM temp."{table}"').fetchone()[0]
     return FeatureTable(table=table, as_of=as_of, rows=int(rows))
+
+
+def _cuts(buyers: int) -> list[int]:
+    """1-based positions in ascending order whose values are the four score thresholds."""
+    return [-(-k * buyers // 5) for k in range(1, 5)]  # ceil(k * buyers / 5)
+
+
+def _thresholds(histogram: dict[int, int], buyers: int, descending: bool) -> list[int]:
+    """Score k+1 needs a value beyond the k-th threshold (see the comment on _SCORE)."""
+    values = sorted(histogram, reverse=descending)
+    out: list[int] = []
+    seen, cuts = 0, iter(_cuts(buyers))
+    cut: int | None = next(cuts)
+    for value in values:
+        seen += histogram[value]
+        while cut is not None and seen >= cut:
+            out.append(value)
+            cut = next(cuts, None)
+    return out
+
+
+def _rfm_parameters(conn: Any, table: str, params: dict[str, Any]) -> dict[str, Any]:
+    """Buyers' means and score thresholds, from a histogram and one sort: no wide work."""
+    days: dict[int, int] = {}
+    counts: dict[int, int] = {}
+    for day, n, customers in conn.execute(_RF_HISTOGRAM_SQL.format(t=table), params):
+        days[day] = days.get(day, 0) + customers
+        counts[n] = counts.get(n, 0) + customers
+    buyers = sum(days.values())
+    out: dict[str, Any] = {f"{m}{k}": None for m in "rfm" for k in range(1, 5)}
+    out.update(mean_r=None, mean_f=None, mean_m=None)
+    if not buyers:
+        return out
+    out["mean_r"] = sum(d * c for d, c in days.items()) / buyers
+    out["mean_f"] = sum(n * c for n, c in counts.items()) / buyers
+    for k, value in enumerate(_thresholds(days, buyers, descending=True), 1):
+        out[f"r{k}"] = value
+    for k, value in enumerate(_thresholds(counts, buyers, descending=False), 1):
+        out[f"f{k}"] = value
+    cuts = _cuts(buyers)
+    by_position = {
+        rn: (value, mean)
+        for rn, value, mean in conn.execute(_M_QUANTILES_SQL.format(t=table), cuts)
+    }
+    for k, cut in enumerate(cuts, 1):
+        out[f"m{k}"], out["mean_m"] = by_position[cut]
+    return out
 
 
 def _drop(conn: Any, table: str) -> None:

@@ -232,3 +232,48 @@ def test_aipl_awareness_and_no_stage(grid: dict[str, dict[str, Any]]) -> None:
     assert grid["stranger"]["aipl_stage"] is None
     assert grid["friend"]["lifecycle"] == "prospect"
     assert grid["friend"]["rfm_segment"] is None
+
+
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    buyers=st.lists(
+        st.tuples(st.integers(1, 400), st.integers(1, 6), st.integers(1, 300_000)),
+        min_size=1,
+        max_size=40,
+    )
+)
+def test_rfm_scores_follow_their_definition(
+    tmp_path_factory: pytest.TempPathFactory, buyers: list[tuple[int, int, int]]
+) -> None:
+    """Score = 1 + floor(5 * (buyers strictly worse) / buyers), for any mix of ties."""
+    day = 86_400
+    with open_store(tmp_path_factory.mktemp("rfm") / "s.db") as store:
+        with store.transaction() as conn:
+            for i, (days, orders, cents) in enumerate(buyers):
+                conn.execute(
+                    "INSERT INTO customers (customer_id, joined_at) VALUES (?, 0)", (f"c{i}",)
+                )
+                for n in range(orders):
+                    amount = cents if n == 0 else 0
+                    conn.execute(
+                        "INSERT INTO orders VALUES (?, ?, ?, ?, 'c', 's', NULL)",
+                        (f"c{i}-{n}", f"c{i}", AS_OF - days * day - n * 60 + 3600, amount),
+                    )
+        rows = {r["customer_id"]: r for r in compute_features(store, Settings(), AS_OF)}
+    total = len(buyers)
+
+    def score(value: int, values: list[int], higher_is_better: bool) -> int:
+        worse = sum(v < value if higher_is_better else v > value for v in values)
+        return 1 + 5 * worse // total
+
+    days = [b[0] for b in buyers]
+    counts = [b[1] for b in buyers]
+    spends = [b[2] for b in buyers]
+    for i, (d, n, m) in enumerate(buyers):
+        row = rows[f"c{i}"]
+        assert (row["days_since_last_order"], row["order_count"]) == (d, n)
+        assert row["rfm_r"] == score(d, days, higher_is_better=False)
+        assert row["rfm_f"] == score(n, counts, higher_is_better=True)
+        assert row["rfm_m"] == score(m, spends, higher_is_better=True)
