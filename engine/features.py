@@ -8,10 +8,16 @@ set-based SQL statements (see the stages below).
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
 import re
+import sqlite3
+import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from engine.catalog import source_fields, source_table
@@ -21,6 +27,9 @@ from engine.settings import CustomFeature, Settings
 from engine.store import Store
 
 FEATURE_TABLE = "features"
+MAX_WORKERS = 4
+PARALLEL_MIN_ORDERS = 200_000  # below this, starting workers costs more than it saves
+WORKER_CACHE_KIB = 128 * 1024
 # A customer loaded with a WeCom external_userid has been a friend since joined_at.
 _FRIEND_FROM = (
     "(CASE WHEN c.external_userid IS NOT NULL AND coalesce(c.joined_at, 0) < :t "
@@ -29,56 +38,60 @@ _FRIEND_FROM = (
 _PLACEHOLDER = re.compile(r"\?")
 
 # The build runs in stages so that nothing wide is ever sorted: per-customer aggregates of
-# each source go into narrow keyed tables, RFM ranks are computed from small histograms of
-# those, and one final pass over customers joins it all into the features table.
-# Orders: one sequential scan and a sort by customer beats walking the (customer, ts) index
-# and fetching every row from the table at random. Events: the (customer, type, ts) index
-# covers the query, so no sort at all.
-_ORDERS_SQL = """
-INSERT INTO temp."{t}__o"
-SELECT customer_id, count(*), sum(amount_cents), min(ts), max(ts), count(DISTINCT category),
-       sum(ts >= :t30), sum(CASE WHEN ts >= :t90 THEN amount_cents ELSE 0 END)
-FROM orders NOT INDEXED WHERE ts < :t GROUP BY customer_id
-"""
+# each source go into narrow tables keyed by customer, RFM thresholds come from those, and
+# one final pass over customers joins it all into the features table.
 # A refund counts against the window of the order it refunds (its own time if unknown).
 _REFUNDS_SQL = """
-INSERT INTO temp."{t}__r"
+INSERT INTO {into}"{t}__r"
 SELECT f.customer_id, sum(f.amount_cents),
        sum(CASE WHEN coalesce(po.ts, f.ts) >= :t90 THEN f.amount_cents ELSE 0 END)
-FROM refunds f LEFT JOIN orders po ON po.order_id = f.order_id
-WHERE f.ts < :t GROUP BY f.customer_id
+FROM {src}refunds AS f LEFT JOIN {src}orders AS po ON po.order_id = f.order_id
+WHERE f.ts < :t{range_f} GROUP BY f.customer_id
 """
+# Orders: one sequential scan and a sort by customer beats walking the (customer, ts) index
+# and fetching every row from the table at random. Net spend folds in the refunds (looked
+# up once per customer) so that later stages read one narrow table.
+_ORDERS_SQL = """
+INSERT INTO {into}"{t}__o"
+SELECT customer_id, count(*),
+       sum(amount_cents) - coalesce((SELECT refunded FROM {into}"{t}__r" x
+                                     WHERE x.customer_id = orders.customer_id), 0),
+       sum(CASE WHEN ts >= :t90 THEN amount_cents ELSE 0 END)
+         - coalesce((SELECT refunded90 FROM {into}"{t}__r" x
+                     WHERE x.customer_id = orders.customer_id), 0),
+       min(ts), max(ts),
+       :today - (max(ts) + :off) / 86400,
+       :today - (min(ts) + :off) / 86400,
+       count(DISTINCT category), sum(ts >= :t30)
+FROM {src}orders AS orders NOT INDEXED WHERE ts < :t{range} GROUP BY customer_id
+"""
+# Events: the (customer, type, ts) index covers the query, so no sort at all.
 _EVENTS_SQL = """
-INSERT INTO temp."{t}__e"
+INSERT INTO {into}"{t}__e"
 SELECT customer_id,
        max(CASE WHEN type = 'friend.added' THEN ts END),
        max(CASE WHEN type = 'friend.deleted' THEN ts END),
        sum(type = 'group.joined') - sum(type = 'group.left')
-FROM events INDEXED BY events_customer_type_ts
-WHERE ts < :t AND type IN ('friend.added', 'friend.deleted', 'group.joined', 'group.left')
+FROM {src}events INDEXED BY events_customer_type_ts
+WHERE ts < :t AND type IN ('friend.added', 'friend.deleted', 'group.joined', 'group.left'){range}
 GROUP BY customer_id
 """
 _STAGES = {
-    "o": "customer_id TEXT PRIMARY KEY, n INTEGER, gross INTEGER, first_ts INTEGER, "
-    "last_ts INTEGER, cats INTEGER, n30 INTEGER, gross90 INTEGER",
     "r": "customer_id TEXT PRIMARY KEY, refunded INTEGER, refunded90 INTEGER",
+    "o": "customer_id TEXT PRIMARY KEY, n INTEGER, spend INTEGER, spend90 INTEGER, "
+    "first_ts INTEGER, last_ts INTEGER, days INTEGER, days_first INTEGER, cats INTEGER, "
+    "n30 INTEGER",
     "e": "customer_id TEXT PRIMARY KEY, friend_added INTEGER, friend_deleted INTEGER, "
     "groups INTEGER",
 }
-_DAYS = ":today - (o.last_ts + :off) / 86400"
-_SPEND = "o.gross - coalesce(r.refunded, 0)"
-_BUYERS = 'temp."{t}__o" o LEFT JOIN temp."{t}__r" r ON r.customer_id = o.customer_id'
 # RFM scores are 1 + floor(5 * (buyers ranked strictly below) / buyers): equal values share
 # a score, the lowest scores 1 and the top fifth 5. That is a step function of the value,
 # so four thresholds per measure decide it (see `_thresholds`). R and F have few distinct
-# values: one small histogram gives both. M's thresholds come from one sort of the spends.
-_RF_HISTOGRAM_SQL = f"SELECT {_DAYS}, o.n, count(*) FROM {_BUYERS} GROUP BY 1, 2"
-_M_QUANTILES_SQL = f"""
-SELECT rn, v, mean FROM (
-  SELECT {_SPEND} AS v, row_number() OVER (ORDER BY {_SPEND}) AS rn, avg({_SPEND}) OVER () AS mean
-  FROM {_BUYERS})
-WHERE rn IN (?, ?, ?, ?)
-"""
+# values: one small histogram gives both. M's thresholds are read off an index of spends.
+_RF_HISTOGRAM_SQL = 'SELECT days, n, count(*) FROM temp."{t}__o" GROUP BY 1, 2'
+_M_INDEX_SQL = 'CREATE INDEX temp."{t}__o_spend" ON "{t}__o" (spend)'
+_M_MEAN_SQL = 'SELECT avg(spend) FROM temp."{t}__o"'
+_M_QUANTILE_SQL = 'SELECT spend FROM temp."{t}__o" ORDER BY spend LIMIT 1 OFFSET ?'
 _SCORE = (
     "CASE WHEN o.n > 0 THEN 1 + ({v} {op} :{m}1) + ({v} {op} :{m}2) + ({v} {op} :{m}3) + "
     "({v} {op} :{m}4) END"
@@ -87,45 +100,45 @@ _FEATURES_SQL = """{custom_ctes}
 SELECT c.customer_id, c.name, c.external_userid, c.owner, c.phone, c.channel, c.joined_at,
        c.opted_out, c.tags,
        coalesce(o.n, 0) AS order_count,
-       coalesce({spend}, 0) / 100.0 AS total_spend,
+       coalesce(o.spend, 0) / 100.0 AS total_spend,
        o.first_ts AS first_order_at,
        o.last_ts AS last_order_at,
-       {days} AS days_since_last_order,
-       :today - (o.first_ts + :off) / 86400 AS days_since_first_order,
-       CASE WHEN o.n > 0 THEN round(({spend}) / 100.0 / o.n, 2) END AS avg_order_value,
+       o.days AS days_since_last_order,
+       o.days_first AS days_since_first_order,
+       CASE WHEN o.n > 0 THEN round(o.spend / 100.0 / o.n, 2) END AS avg_order_value,
        coalesce(o.cats, 0) AS distinct_categories,
        coalesce(o.n30, 0) AS orders_last_30d,
-       (coalesce(o.gross90, 0) - coalesce(r.refunded90, 0)) / 100.0 AS spend_last_90d,
+       coalesce(o.spend90, 0) / 100.0 AS spend_last_90d,
        CASE WHEN coalesce(max(e.friend_added, {friend_from}), e.friend_added, {friend_from})
                  > coalesce(e.friend_deleted, -1)
             THEN 1 ELSE 0 END AS is_friend,
        CASE WHEN coalesce(e.groups, 0) > 0 THEN 1 ELSE 0 END AS in_group{custom_columns},
-       CASE WHEN o.n > 0 AND {spend} >= :loyal_cents THEN 'L'
+       CASE WHEN o.n > 0 AND o.spend >= :loyal_cents THEN 'L'
             WHEN o.n > 0 THEN 'P'
             WHEN coalesce(e.groups, 0) > 0 THEN 'I'
             WHEN coalesce(max(e.friend_added, {friend_from}), e.friend_added, {friend_from})
                  > coalesce(e.friend_deleted, -1) THEN 'A' END AS aipl_stage,
        CASE WHEN o.n IS NULL THEN 'prospect'
-            WHEN {days} <= :active THEN 'active'
-            WHEN {days} <= :silent THEN 'silent'
-            WHEN {days} <= :sleeping THEN 'sleeping'
+            WHEN o.days <= :active THEN 'active'
+            WHEN o.days <= :silent THEN 'silent'
+            WHEN o.days <= :sleeping THEN 'sleeping'
             ELSE 'churned' END AS lifecycle,
        {score_r} AS rfm_r,
        {score_f} AS rfm_f,
        {score_m} AS rfm_m,
        CASE WHEN o.n > 0 THEN
-         CASE WHEN {spend} >= :mean_m THEN 'important_' ELSE 'general_' END ||
-         CASE ({days} <= :mean_r) * 2 + (o.n >= :mean_f)
+         CASE WHEN o.spend >= :mean_m THEN 'important_' ELSE 'general_' END ||
+         CASE (o.days <= :mean_r) * 2 + (o.n >= :mean_f)
               WHEN 3 THEN 'value' WHEN 2 THEN 'develop' WHEN 1 THEN 'retain' ELSE 'winback' END
        END AS rfm_segment
 FROM customers c
 LEFT JOIN temp."{t}__o" o ON o.customer_id = c.customer_id
-LEFT JOIN temp."{t}__r" r ON r.customer_id = c.customer_id
 LEFT JOIN temp."{t}__e" e ON e.customer_id = c.customer_id{custom_joins}
 WHERE c.joined_at < :t
    OR (c.joined_at IS NULL AND c.auto_created = 0)
-   OR o.customer_id IS NOT NULL OR r.customer_id IS NOT NULL
+   OR o.customer_id IS NOT NULL
    OR EXISTS (SELECT 1 FROM events x WHERE x.customer_id = c.customer_id AND x.ts < :t)
+   OR EXISTS (SELECT 1 FROM refunds x WHERE x.customer_id = c.customer_id AND x.ts < :t)
 """
 
 
@@ -169,12 +182,10 @@ def features_query(
         joins.append(f"\nLEFT JOIN {alias} ON {alias}.customer_id = c.customer_id")
     sql = _FEATURES_SQL.format(
         t=table,
-        days=_DAYS,
-        spend=_SPEND,
         friend_from=_FRIEND_FROM,
-        score_r=_SCORE.format(v=_DAYS, op="<", m="r"),
+        score_r=_SCORE.format(v="o.days", op="<", m="r"),
         score_f=_SCORE.format(v="o.n", op=">", m="f"),
-        score_m=_SCORE.format(v=_SPEND, op=">", m="m"),
+        score_m=_SCORE.format(v="o.spend", op=">", m="m"),
         custom_ctes=f"WITH {', '.join(ctes)}" if ctes else "",
         custom_columns="".join(columns),
         custom_joins="".join(joins),
@@ -229,8 +240,11 @@ def build_features(
     _drop(conn, table)
     for stage, columns in _STAGES.items():
         conn.execute(f'CREATE TEMP TABLE "{table}__{stage}" ({columns}) WITHOUT ROWID')
-    for statement in (_ORDERS_SQL, _REFUNDS_SQL, _EVENTS_SQL):
-        conn.execute(statement.format(t=table), params)
+    ranges = _customer_ranges(store)
+    if len(ranges) > 1:
+        _aggregate_in_parallel(store, table, params, ranges)
+    else:
+        _aggregate(conn, table, params, into="temp.", src="", bounds=(None, None))
     params.update(_rfm_parameters(conn, table, params))
     conn.execute(f'CREATE TEMP TABLE "{table}" AS {sql}', params)
     conn.execute(f'CREATE UNIQUE INDEX temp."{table}_customer" ON "{table}" (customer_id)')
@@ -238,6 +252,114 @@ def build_features(
         conn.execute(f'DROP TABLE temp."{table}__{stage}"')
     rows = conn.execute(f'SELECT count(*) FROM temp."{table}"').fetchone()[0]
     return FeatureTable(table=table, as_of=as_of, rows=int(rows))
+
+
+Bounds = tuple[str | None, str | None]
+
+
+def _aggregate(
+    conn: sqlite3.Connection,
+    table: str,
+    params: dict[str, Any],
+    *,
+    into: str,
+    src: str,
+    bounds: Bounds,
+) -> None:
+    """Run the per-source stages for the customers within `bounds` (lo inclusive)."""
+    lo, hi = bounds
+    clauses = ([" AND {c} >= :lo"] if lo is not None else []) + (
+        [" AND {c} < :hi"] if hi is not None else []
+    )
+    for statement in (_REFUNDS_SQL, _ORDERS_SQL, _EVENTS_SQL):
+        conn.execute(
+            statement.format(
+                t=table,
+                into=into,
+                src=src,
+                range="".join(clauses).format(c="customer_id"),
+                range_f="".join(clauses).format(c="f.customer_id"),
+            ),
+            {**params, "lo": lo, "hi": hi},
+        )
+
+
+def _customer_ranges(store: Store) -> list[Bounds]:
+    """Split customers into one id range per core when the store is big enough to gain.
+
+    Parallel stages read the committed store through their own connections, so a build
+    inside an open transaction (which may hold uncommitted facts) stays on this one.
+    """
+    workers = min(os.cpu_count() or 1, MAX_WORKERS)
+    conn = store.conn
+    if workers < 2 or conn.in_transaction or store.path == ":memory:":
+        return [(None, None)]
+    orders = conn.execute("SELECT max(rowid) FROM orders").fetchone()[0] or 0
+    if orders < PARALLEL_MIN_ORDERS:
+        return [(None, None)]
+    customers = conn.execute("SELECT count(*) FROM customers").fetchone()[0]
+    cuts = [
+        conn.execute(
+            "SELECT customer_id FROM customers ORDER BY customer_id LIMIT 1 OFFSET ?",
+            (customers * k // workers,),
+        ).fetchone()[0]
+        for k in range(1, workers)
+    ]
+    edges: list[str | None] = [None, *cuts, None]
+    return list(itertools.pairwise(edges))
+
+
+def _aggregate_in_parallel(
+    store: Store, table: str, params: dict[str, Any], ranges: list[Bounds]
+) -> None:
+    """Each worker aggregates one customer range into its own scratch file; then merge.
+
+    SQLite runs one statement on one core; the sort behind the orders aggregate is most of
+    the build, and sorting k ranges at once on k cores divides it. Ranges are disjoint and
+    ordered, so the merged stage tables are appended in key order.
+    """
+    source = f"{Path(store.path).resolve().as_uri()}?mode=ro"
+    with tempfile.TemporaryDirectory(prefix="playbook-features-") as scratch:
+        files = [Path(scratch) / f"part{i}.db" for i in range(len(ranges))]
+        errors: list[BaseException] = []
+
+        def work(path: Path, bounds: Bounds) -> None:
+            try:
+                worker = sqlite3.connect(path, isolation_level=None, uri=True)
+                try:
+                    worker.execute("PRAGMA journal_mode = OFF")
+                    worker.execute("PRAGMA synchronous = OFF")
+                    worker.execute(f"PRAGMA cache_size = -{WORKER_CACHE_KIB}")
+                    worker.execute("ATTACH DATABASE ? AS src", (source,))
+                    for stage, columns in _STAGES.items():
+                        worker.execute(f'CREATE TABLE "{table}__{stage}" ({columns}) WITHOUT ROWID')
+                    _aggregate(worker, table, params, into="", src="src.", bounds=bounds)
+                finally:
+                    worker.close()
+            except BaseException as exc:  # re-raised in the calling thread below
+                errors.append(exc)
+
+        threads = [
+            threading.Thread(target=work, args=(f, b)) for f, b in zip(files, ranges, strict=True)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if errors:
+            raise errors[0]
+        conn = store.conn
+        for i, path in enumerate(files):
+            conn.execute(f"ATTACH DATABASE ? AS part{i}", (f"{path.as_uri()}?mode=ro",))
+        try:
+            for stage in _STAGES:
+                union = " UNION ALL ".join(
+                    f'SELECT * FROM part{i}."{table}__{stage}"' for i in range(len(files))
+                )
+                conn.execute(f'INSERT INTO temp."{table}__{stage}" {union}')
+        finally:
+            for i in range(len(files)):
+                conn.execute(f"DETACH DATABASE part{i}")
 
 
 def _cuts(buyers: int) -> list[int]:
@@ -277,13 +399,10 @@ def _rfm_parameters(conn: Any, table: str, params: dict[str, Any]) -> dict[str, 
         out[f"r{k}"] = value
     for k, value in enumerate(_thresholds(counts, buyers, descending=False), 1):
         out[f"f{k}"] = value
-    cuts = _cuts(buyers)
-    by_position = {
-        rn: (value, mean)
-        for rn, value, mean in conn.execute(_M_QUANTILES_SQL.format(t=table), cuts)
-    }
-    for k, cut in enumerate(cuts, 1):
-        out[f"m{k}"], out["mean_m"] = by_position[cut]
+    conn.execute(_M_INDEX_SQL.format(t=table))
+    (out["mean_m"],) = conn.execute(_M_MEAN_SQL.format(t=table)).fetchone()
+    for k, cut in enumerate(_cuts(buyers), 1):
+        (out[f"m{k}"],) = conn.execute(_M_QUANTILE_SQL.format(t=table), (cut - 1,)).fetchone()
     return out
 
 

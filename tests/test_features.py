@@ -277,3 +277,23 @@ def test_rfm_scores_follow_their_definition(
         assert row["rfm_r"] == score(d, days, higher_is_better=False)
         assert row["rfm_f"] == score(n, counts, higher_is_better=True)
         assert row["rfm_m"] == score(m, spends, higher_is_better=True)
+
+
+def test_parallel_build_equals_the_single_connection_build(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from engine import features as module
+    from engine.demo import generate_demo
+
+    generate_demo(store, customers=600, seed=3, end=AS_OF, tz=SHANGHAI)
+    settings = Settings()
+    monkeypatch.setattr(module, "PARALLEL_MIN_ORDERS", 10**12)
+    single = compute_features(store, settings, AS_OF)
+    monkeypatch.setattr(module, "PARALLEL_MIN_ORDERS", 0)
+    monkeypatch.setattr(module.os, "cpu_count", lambda: 3)
+    assert len(module._customer_ranges(store)) == 3
+    assert compute_features(store, settings, AS_OF) == single
+    # Inside an open transaction the build stays on the store's own connection.
+    with store.transaction():
+        assert module._customer_ranges(store) == [(None, None)]
+        assert compute_features(store, settings, AS_OF) == single
