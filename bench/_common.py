@@ -2,6 +2,10 @@
 
 A measured phase runs in a fresh interpreter (the script re-invoked with `--phase NAME`),
 so its peak RSS (`ru_maxrss`) covers that phase alone and not, say, data generation.
+On Linux a process's ru_maxrss survives exec, so a child forked straight from a big
+parent would report the parent's peak; children are therefore started through /bin/sh
+(which forks them from its own small address space), the parents stay small anyway
+(no engine import, no data held), and each child also reports VmHWM as a cross-check.
 The child writes its figures as JSON to a file the parent names; its progress lines go
 to the inherited stdout, so they appear in order with the parent's.
 """
@@ -29,6 +33,7 @@ MIB = 1024 * 1024
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+_SHELL = "/bin/sh"
 Params = dict[str, Any]
 Figures = dict[str, Any]
 Phase = Callable[[Params], Figures]
@@ -47,6 +52,72 @@ def log(message: str) -> None:
 def peak_rss_mib() -> float:
     """This process's peak resident set size so far, in MiB (ru_maxrss is KiB on Linux)."""
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def vm_hwm_mib() -> float:
+    """Peak RSS of this process's current address space (VmHWM), in MiB; a cross-check.
+
+    Unlike ru_maxrss it starts afresh at exec, so it never includes the parent's peak.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except (OSError, ValueError):
+        pass
+    return float("nan")
+
+
+def io_mib() -> dict[str, float]:
+    """Bytes this process has read and written through system calls so far (Linux), MiB."""
+    found: dict[str, float] = {}
+    try:
+        with open("/proc/self/io", encoding="ascii") as handle:
+            for line in handle:
+                key, _, value = line.partition(":")
+                if key in ("rchar", "wchar"):
+                    found[f"{key}_mib"] = round(int(value) / MIB, 1)
+    except (OSError, ValueError):
+        pass
+    return found
+
+
+def machine_state() -> dict[str, Any]:
+    """Load average and any other benchmark processes: timings are only as quiet as this."""
+    mine = {os.getpid()}
+    others = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if int(entry.name) in mine or parent in mine:
+            continue
+        if "python" in command and ("bench/" in command or ".db" in command):
+            others.append(f"{entry.name}: {command.strip()[:120]}")
+    return {"loadavg_1m": round(os.getloadavg()[0], 2), "other_processes": others}
+
+
+_SEEN: dict[str, None] = {}  # other processes noticed around any phase, in order
+
+
+def other_processes_seen() -> list[str]:
+    """Every competing process noticed before or after any child phase so far."""
+    return list(_SEEN)
+
+
+def warn_if_busy(label: str) -> dict[str, Any]:
+    """Log the machine state (load, other benchmark-like processes) and return it."""
+    state = machine_state()
+    _SEEN.update(dict.fromkeys(state["other_processes"]))
+    log(f"{label}: load average {state['loadavg_1m']}")
+    for other in state["other_processes"]:
+        log(f"  WARNING: another process may compete for the CPU: {other}")
+    return state
 
 
 def children_peak_rss_mib() -> float:
@@ -93,6 +164,8 @@ def run_phase_here(args: argparse.Namespace, phases: Mapping[str, Phase]) -> Non
     figures = phases[args.phase](params)
     figures.setdefault("peak_rss_mib", peak_rss_mib())
     figures.setdefault("rss_before_phase_mib", rss_before)
+    figures.setdefault("vm_hwm_mib", vm_hwm_mib())
+    figures.setdefault("io", io_mib())
     Path(args.result_file).write_text(json.dumps(figures), encoding="utf-8")
 
 
@@ -110,14 +183,58 @@ def run_phase_in_child(script: Path, phase: str, params: Params) -> Figures:
             "--result-file",
             str(result),
         ]
+        if Path(_SHELL).exists():
+            # The shell forks the child from its own small address space: the child's
+            # ru_maxrss then starts near zero instead of at this process's peak.
+            command = [_SHELL, "-c", '"$@"; exit $?', "sh", *command]
+        _SEEN.update(dict.fromkeys(machine_state()["other_processes"]))
         sys.stdout.flush()
         completed = subprocess.run(command, check=False)
+        _SEEN.update(dict.fromkeys(machine_state()["other_processes"]))
         if completed.returncode != 0 or not result.exists():
             raise SystemExit(f"phase {phase!r} failed (exit status {completed.returncode})")
         figures: Figures = json.loads(result.read_text(encoding="utf-8"))
         return figures
 
 
+def engine_revision() -> str:
+    """The repository's HEAD commit, with "+dirty" if engine/ has uncommitted changes."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "engine"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
 def emit_json(figures: Figures) -> None:
     """Print the figures as the single JSON object that ends a benchmark's output."""
     print(json.dumps(figures, ensure_ascii=False, sort_keys=False), flush=True)
+
+
+def run_context(revision: str, machine_start: dict[str, object]) -> dict[str, object]:
+    """The figures every benchmark reports about where and on what it ran."""
+    import sqlite3
+
+    now = engine_revision()
+    return {
+        "sqlite_version": sqlite3.sqlite_version,
+        "engine_revision": revision
+        if revision == now
+        else f"{revision} then {now} (the engine changed during the run)",
+        "machine_at_start": machine_start,
+        "machine_at_end": warn_if_busy("at the end"),
+        "other_processes_seen": other_processes_seen(),
+    }

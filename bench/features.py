@@ -20,12 +20,13 @@ import argparse
 import json
 import random
 import sqlite3
+import threading
 import time
 from bisect import bisect
 from datetime import datetime
 from itertools import accumulate
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from _common import (
     OUT_DIR,
@@ -33,17 +34,19 @@ from _common import (
     Params,
     add_phase_arguments,
     emit_json,
+    engine_revision,
     log,
     peak_rss_mib,
     remove_db,
+    run_context,
     run_phase_here,
     run_phase_in_child,
     warm_file,
+    warn_if_busy,
 )
 
-from engine.features import build_features, features_query
-from engine.settings import Settings
-from engine.store import open_store
+# The engine is imported only inside the phases, which run in child processes: the
+# parent stays small so it cannot inflate any child's peak RSS.
 
 SCRIPT = Path(__file__).resolve()
 GENERATOR_VERSION = 1  # bump when the generated data changes, so stale stores are rebuilt
@@ -109,14 +112,16 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2, help="timed runs of each (min 2)")
     parser.add_argument("--out", type=Path, default=OUT_DIR, help="where stores and plans go")
     parser.add_argument("--regenerate", action="store_true", help="rebuild the store")
-    parser.add_argument(
-        "--no-breakdown", action="store_true", help="skip timing the query's parts separately"
-    )
     add_phase_arguments(parser)
     args = parser.parse_args()
     if args.phase:
         run_phase_here(
-            args, {"generate": phase_generate, "time": phase_time, "breakdown": phase_breakdown}
+            args,
+            {
+                "generate": phase_generate,
+                "profile": phase_profile,
+                "time": phase_time,
+            },
         )
         return
     run_benchmark(args)
@@ -131,6 +136,8 @@ def run_benchmark(args: argparse.Namespace) -> None:
     if args.customers >= 1 << CUSTOMER_BITS:
         raise SystemExit(f"--customers must be below {1 << CUSTOMER_BITS}")
     events = args.events if args.events is not None else round(args.customers * EVENTS_PER_CUSTOMER)
+    revision = engine_revision()
+    machine_start = warn_if_busy("at the start")
     repeat = max(2, args.repeat)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -150,7 +157,7 @@ def run_benchmark(args: argparse.Namespace) -> None:
     )
 
     generation: Figures | None = None
-    reused = not args.regenerate and stored_spec(db) == spec
+    reused = not args.regenerate and stored_meta(db, "bench_spec") == spec
     if reused:
         log("store already generated with these sizes: reused (use --regenerate to rebuild)")
     else:
@@ -164,10 +171,6 @@ def run_benchmark(args: argparse.Namespace) -> None:
     log(f"store file {db.stat().st_size / 2**20:,.0f} MiB; warming the OS page cache ...")
     log(f"read it in {warm_file(db):.1f}s")
 
-    plan_file = out / "features_plan.txt"
-    write_plan(db, plan_file)
-    log(f"query plans written to {plan_file}")
-
     runs: dict[str, list[Figures]] = {"baseline": [], "features": []}
     for rep in range(repeat):
         order = ("baseline", "features") if rep % 2 == 0 else ("features", "baseline")
@@ -179,10 +182,10 @@ def run_benchmark(args: argparse.Namespace) -> None:
                 f"{result['rows']:,} rows, peak RSS {result['peak_rss_mib']} MiB"
             )
 
-    breakdown: Figures | None = None
-    if not args.no_breakdown:
-        log("timing the parts of the features query separately (diagnostic, one run) ...")
-        breakdown = run_phase_in_child(SCRIPT, "breakdown", {"db": str(db)})
+    plan_file = out / "features_plan.txt"
+    log("profiling one more build statement by statement (diagnostic, not in the figures) ...")
+    profile = run_phase_in_child(SCRIPT, "profile", {"db": str(db), "file": str(plan_file)})
+    log(f"query plans and per-statement times written to {plan_file}")
 
     baseline_s = [r["seconds"] for r in runs["baseline"]]
     features_s = [r["seconds"] for r in runs["features"]]
@@ -203,7 +206,7 @@ def run_benchmark(args: argparse.Namespace) -> None:
         "refunds": counts["refunds"],
         "events": counts["events"],
         "as_of": AS_OF_TEXT,
-        "sqlite_version": sqlite3.sqlite_version,
+        **run_context(revision, machine_start),
         "store": str(db),
         "store_mib": round(db.stat().st_size / 2**20, 1),
         "store_reused": reused,
@@ -218,15 +221,23 @@ def run_benchmark(args: argparse.Namespace) -> None:
         "features_peak_rss_mib": features_rss,
         "features_peak_rss_mib_runs": [r["peak_rss_mib"] for r in runs["features"]],
         "features_rss_before_build_mib": runs["features"][0]["rss_before_phase_mib"],
+        "features_vm_hwm_mib": max(r["vm_hwm_mib"] for r in runs["features"]),
+        "sqlite_cache_size_pragma": runs["features"][0]["cache_size_pragma"],
         "rss_target_mib": RSS_TARGET_MIB,
         "meets_rss_target": features_rss <= RSS_TARGET_MIB,
         "baseline_peak_rss_mib": max(r["peak_rss_mib"] for r in runs["baseline"]),
+        "features_io_mib": runs["features"][-1]["io"],
+        "baseline_io_mib": runs["baseline"][-1]["io"],
+        "rss_method": "ru_maxrss (RUSAGE_SELF) of each timed child process, started via "
+        "/bin/sh so it does not inherit the parent's peak; vm_hwm is a cross-check",
+        "parent_peak_rss_mib": peak_rss_mib(),
         "feature_rows": runs["features"][0]["rows"],
         "baseline_rows": runs["baseline"][0]["rows"],
         "run_order": "alternating, each run in a fresh process, OS page cache warmed first",
         "plan_file": str(plan_file),
-        "breakdown_s": None if breakdown is None else breakdown["parts"],
-        "data_shape": None if generation is None else generation["shape"],
+        "profile_total_s": round(profile["total_s"], 3),
+        "profile_statements_s": profile["steps"],
+        "data_shape": stored_meta(db, "bench_shape"),
     }
     emit_json(figures)
 
@@ -235,46 +246,140 @@ def fmt_list(values: list[float]) -> str:
     return ", ".join(f"{v:.2f}" for v in values)
 
 
-def stored_spec(db: Path) -> dict[str, Any] | None:
-    """The generator spec recorded in a finished store, or None."""
+def stored_meta(db: Path, key: str) -> dict[str, Any] | None:
+    """What the generator recorded under `key` ("bench_spec" is written last), or None."""
     if not db.exists():
         return None
     try:
         conn = sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True)
         try:
-            row = conn.execute("SELECT value FROM meta WHERE key = 'bench_spec'").fetchone()
+            row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         finally:
             conn.close()
     except sqlite3.Error:
         return None
-    spec: dict[str, Any] | None = json.loads(row[0]) if row else None
-    return spec
+    value: dict[str, Any] | None = json.loads(row[0]) if row else None
+    return value
 
 
 def table_counts(db: Path) -> dict[str, int]:
-    with open_store(db, readonly=True) as store:
-        return {t: store.count(t) for t in ("customers", "orders", "refunds", "events")}
+    conn = sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True)
+    try:
+        return {
+            table: conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+            for table in ("customers", "orders", "refunds", "events")
+        }
+    finally:
+        conn.close()
 
 
-def write_plan(db: Path, plan_file: Path) -> None:
-    """EXPLAIN QUERY PLAN of the features query (and the baseline), as indented trees."""
-    sql, params = features_query(Settings(), AS_OF)
+# --------------------------------------------------------------------------- phases
+
+
+def phase_profile(params: Params) -> Figures:
+    """One extra build (not in the figures) with every statement explained and timed.
+
+    In this child process every sqlite3 connection is made a TracedConnection, including
+    any the engine opens itself (e.g. parallel workers); each `execute` during the build
+    records EXPLAIN QUERY PLAN (taken just before it runs, so the temp tables of earlier
+    stages exist), the statement's own time and its thread. This follows the engine's SQL
+    whatever shape it takes (one statement, several stages, several connections).
+    """
+    original_connect = sqlite3.connect
+
+    def traced_connect(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        kwargs.setdefault("factory", TracedConnection)
+        conn: sqlite3.Connection = original_connect(*args, **kwargs)
+        return conn
+
+    sqlite3.connect = traced_connect  # type: ignore[assignment]
+
+    from engine.features import build_features
+    from engine.settings import Settings
+    from engine.store import open_store
+
+    db, plan_file = Path(params["db"]), Path(params["file"])
     with open_store(db, readonly=True) as store:
-        conn = store.conn
-        features_plan = explain(conn, sql, params)
-        baseline_plan = explain(conn, BASELINE_SELECT, (AS_OF,))
+        baseline_plan = explain(store.conn, BASELINE_SELECT, (AS_OF,))
+        TracedConnection.recording = True
+        start = time.perf_counter()
+        table = build_features(store, Settings(), AS_OF)
+        total = time.perf_counter() - start
+        TracedConnection.recording = False
+    steps = TracedConnection.steps
+    main = threading.main_thread().name
+    untraced = total - sum(float(step["seconds"]) for step in steps if step["thread"] == main)
+    sections = []
+    for number, step in enumerate(steps, 1):
+        where = "" if step["thread"] == main else f" [{step['thread']}, own connection]"
+        sections.append(
+            f"### statement {number} of {len(steps)}{where}: {step['seconds']:.3f}s\n\n"
+            f"{step['sql'].strip()}\n\nparameters: {json.dumps(step['params'], default=str)}"
+            f"\n\n{step['plan'] or '(no query plan)'}\n"
+        )
     text = (
         f"# EXPLAIN QUERY PLAN, SQLite {sqlite3.sqlite_version}, store {db}\n"
-        f"# as of {AS_OF_TEXT} ({AS_OF}); Settings() defaults\n\n"
-        f"## build_features: the SELECT inside CREATE TEMP TABLE features AS ...\n\n"
-        f"{features_plan}\n\n## baseline\n\n{BASELINE_SELECT}\n\n{baseline_plan}\n\n"
-        f"## features SQL\n\nparameters: {json.dumps(params)}\n{sql}\n"
+        f"# build_features(store, Settings(), as_of={AS_OF}) [{AS_OF_TEXT}]: {len(steps)} "
+        f"statements, {total:.2f}s in this profiled run ({table.rows:,} rows); "
+        f"{untraced:.2f}s of the main thread's time is outside its statements (Python, "
+        f"waiting for worker threads, whose statements overlap in time)\n\n"
+        f"## baseline ({BASELINE_SQL.split(' AS ', 1)[0]} AS ...)\n\n{BASELINE_SELECT}\n\n"
+        f"{baseline_plan}\n\n## build_features, statement by statement\n\n" + "\n".join(sections)
     )
     plan_file.write_text(text, encoding="utf-8")
+    for step in steps:
+        if step["thread"] != main:
+            step["label"] = f"[{step['thread']}] {step['label']}"
+    ranked = sorted(steps, key=lambda step: -float(step["seconds"]))
+    for step in ranked[:8]:
+        log(f"  {step['seconds']:7.2f}s  {step['label']}")
+    log(f"  {untraced:7.2f}s  (main thread outside its statements, e.g. waiting for workers)")
+    # The JSON keeps the statements that took at least 1% of the build; the rest are summed.
+    shown = [step for step in steps if step["seconds"] >= total / 100]
+    rest = [step for step in steps if step["seconds"] < total / 100]
+    figures = [[step["label"], round(float(step["seconds"]), 3)] for step in shown]
+    if rest:
+        rest_s = sum(float(step["seconds"]) for step in rest)
+        figures.append([f"({len(rest)} other statements)", round(rest_s, 3)])
+    figures.append(["(main thread outside its statements)", round(untraced, 3)])
+    return {"total_s": total, "steps": figures}
+
+
+class TracedConnection(sqlite3.Connection):
+    """A connection that, while `recording`, explains and times each `execute`."""
+
+    recording: ClassVar[bool] = False
+    steps: ClassVar[list[dict[str, Any]]] = []
+
+    def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
+        if not TracedConnection.recording:
+            return super().execute(sql, parameters)
+        plan = explain(self, sql, parameters)
+        start = time.perf_counter()
+        cursor = super().execute(sql, parameters)
+        seconds = time.perf_counter() - start
+        label = " ".join(sql.split())
+        TracedConnection.steps.append(
+            {
+                "label": label if len(label) <= 90 else label[:87] + "...",
+                "sql": sql,
+                # A copy: the engine may update its parameter dict after this statement.
+                "params": dict(parameters) if isinstance(parameters, dict) else parameters,
+                "seconds": seconds,
+                "plan": plan,
+                "thread": threading.current_thread().name,
+            }
+        )
+        return cursor
 
 
 def explain(conn: sqlite3.Connection, sql: str, params: Any) -> str:
-    rows = conn.execute("EXPLAIN QUERY PLAN " + sql, params).fetchall()
+    """EXPLAIN QUERY PLAN as an indented tree ('' for statements without a plan)."""
+    try:
+        # The base class's execute: explaining is not itself a traced statement.
+        rows = sqlite3.Connection.execute(conn, "EXPLAIN QUERY PLAN " + sql, params).fetchall()
+    except sqlite3.Error as exc:
+        return f"(no plan: {exc})"
     depth: dict[int, int] = {0: -1}
     lines = []
     for node, parent, _unused, detail in rows:
@@ -283,11 +388,12 @@ def explain(conn: sqlite3.Connection, sql: str, params: Any) -> str:
     return "\n".join(lines)
 
 
-# --------------------------------------------------------------------------- phases
-
-
 def phase_time(params: Params) -> Figures:
     """One timed run (fresh process): the baseline aggregate or build_features."""
+    from engine.features import build_features
+    from engine.settings import Settings
+    from engine.store import open_store
+
     db, kind = params["db"], params["kind"]
     with open_store(db, readonly=True) as store:
         rss_before = peak_rss_mib()
@@ -301,42 +407,19 @@ def phase_time(params: Params) -> Figures:
             table = build_features(store, Settings(), AS_OF)
             seconds = time.perf_counter() - start
             rows = table.rows
-    return {"seconds": seconds, "rows": rows, "rss_before_phase_mib": rss_before}
-
-
-def phase_breakdown(params: Params) -> Figures:
-    """Materialise each CTE of the features query on its own, to see where time goes."""
-    sql, query_params = features_query(Settings(), AS_OF)
-    final = sql.rfind("\nSELECT b.customer_id")
-    parts: dict[str, float | str] = {}
-    with open_store(params["db"], readonly=True) as store:
-        conn = store.conn
-        queries: dict[str, str] = {}
-        if final < 0:
-            parts["note"] = "features SQL changed shape; only the whole query is timed"
-        else:
-            prefix = sql[:final]
-            for name in ("o", "r", "e", "base"):
-                queries[f"cte_{name}"] = f"{prefix}\nSELECT * FROM {name}"
-        queries["whole_select"] = sql
-        for name, query in queries.items():
-            conn.execute("DROP TABLE IF EXISTS temp.part")
-            start = time.perf_counter()
-            conn.execute(f"CREATE TEMP TABLE part AS {query}", query_params)
-            seconds = time.perf_counter() - start
-            rows = conn.execute("SELECT count(*) FROM temp.part").fetchone()[0]
-            parts[name] = round(seconds, 3)
-            log(f"  {name:13} {seconds:7.2f}s  {rows:,} rows")
-        start = time.perf_counter()
-        conn.execute("CREATE UNIQUE INDEX temp.part_customer ON part (customer_id)")
-        conn.execute("SELECT count(*) FROM temp.part").fetchone()
-        parts["index_and_count"] = round(time.perf_counter() - start, 3)
-        log(f"  {'index_and_count':13} {parts['index_and_count']:7.2f}s")
-    return {"parts": parts}
+        cache_size = store.conn.execute("PRAGMA cache_size").fetchone()[0]
+    return {
+        "seconds": seconds,
+        "rows": rows,
+        "rss_before_phase_mib": rss_before,
+        "cache_size_pragma": cache_size,
+    }
 
 
 def phase_generate(params: Params) -> Figures:
     """Write the seeded store (fresh process, so its memory never counts elsewhere)."""
+    from engine.store import open_store
+
     start = time.perf_counter()
     db = Path(params["db"])
     spec: dict[str, Any] = params["spec"]
@@ -359,10 +442,10 @@ def phase_generate(params: Params) -> Figures:
         conn.execute(sql)
     log(f"  indexes built in {time.perf_counter() - index_start:.1f}s")
     conn.execute("PRAGMA journal_mode = WAL")
-    conn.execute(
-        "INSERT INTO meta (key, value) VALUES ('bench_spec', ?) "
+    conn.executemany(
+        "INSERT INTO meta (key, value) VALUES (?, ?) "
         "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-        (json.dumps(spec),),
+        [("bench_shape", json.dumps(shape)), ("bench_spec", json.dumps(spec))],
     )
     conn.close()
     return {"seconds": time.perf_counter() - start, "shape": shape}
