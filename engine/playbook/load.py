@@ -333,7 +333,8 @@ class _Checker:
         condition = self.check_condition(at, rule.get("when"), event)
         priority = rule.get("priority", DEFAULT_PRIORITY)
         group = rule.get("group")
-        if isinstance(group, str) and isinstance(priority, int):
+        enabled = rule.get("enabled", True) is not False
+        if isinstance(group, str) and isinstance(priority, int) and enabled:
             other = group_priorities.get((group, priority))
             if other is not None:
                 self.error(
@@ -439,7 +440,8 @@ class _Checker:
         except ValueError:
             return None  # the schema already said so
         if seconds == 0:
-            self.error((*at, key), f"{key} must be longer than 0", f"remove {key} instead")
+            hint = "remove it to use the 7-day default" if key == "expires" else f"remove {key}"
+            self.error((*at, key), f"{key} must be longer than 0", hint)
             return None
         return seconds
 
@@ -485,7 +487,9 @@ class _Checker:
             self.check_template_use(
                 template, template_uses.get(template, []), context, event, rule_id, kind
             )
-            if body.get("channel") == "wecom" and isinstance(templates[template], str):
+            # Group invitations also go out as WeCom messages.
+            wecom = body.get("channel") == "wecom" or kind == "invite_group"
+            if wecom and isinstance(templates[template], str):
                 self.check_wecom_length(template, templates[template])
         if kind == "tag":
             both = set(_strings(body.get("add"))) & set(_strings(body.get("remove")))
