@@ -63,7 +63,7 @@ SELECT customer_id, count(*),
        :today - (max(ts) + :off) / 86400,
        :today - (min(ts) + :off) / 86400,
        count(DISTINCT category), sum(ts >= :t30)
-FROM {src}orders AS orders NOT INDEXED WHERE ts < :t{range} GROUP BY customer_id
+FROM {src}orders AS orders {orders_hint} WHERE ts < :t{range} GROUP BY customer_id
 """
 # Events: the (customer, type, ts) index covers the query, so no sort at all.
 _EVENTS_SQL = """
@@ -134,12 +134,19 @@ SELECT c.customer_id, c.name, c.external_userid, c.owner, c.phone, c.channel, c.
 FROM customers c
 LEFT JOIN temp."{t}__o" o ON o.customer_id = c.customer_id
 LEFT JOIN temp."{t}__e" e ON e.customer_id = c.customer_id{custom_joins}
-WHERE c.joined_at < :t
+WHERE {only}(c.joined_at < :t
    OR (c.joined_at IS NULL AND c.auto_created = 0)
    OR o.customer_id IS NOT NULL
    OR EXISTS (SELECT 1 FROM events x WHERE x.customer_id = c.customer_id AND x.ts < :t)
-   OR EXISTS (SELECT 1 FROM refunds x WHERE x.customer_id = c.customer_id AND x.ts < :t)
+   OR EXISTS (SELECT 1 FROM refunds x WHERE x.customer_id = c.customer_id AND x.ts < :t))
 """
+
+
+@dataclass(frozen=True)
+class RfmThresholds:
+    """The buyers' means and RFM score thresholds a build used (see `_rfm_parameters`)."""
+
+    values: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -149,6 +156,7 @@ class FeatureTable:
     table: str
     as_of: int
     rows: int
+    rfm: RfmThresholds
 
 
 def _parameters(settings: Settings, as_of: int) -> dict[str, Any]:
@@ -167,14 +175,15 @@ def _parameters(settings: Settings, as_of: int) -> dict[str, Any]:
 
 
 def features_query(
-    settings: Settings, as_of: int, table: str = FEATURE_TABLE
+    settings: Settings, as_of: int, table: str = FEATURE_TABLE, only: str | None = None
 ) -> tuple[str, dict[str, Any]]:
     """The final statement of the build (and its parameters, less the buyers' statistics)."""
     params = _parameters(settings, as_of)
+    params["only"] = only
     ctes, columns, joins = [], [], []
     for index, feature in enumerate(settings.custom_features):
         alias = f"cf{index}"
-        cte_sql, cte_params = _custom_feature_cte(feature, alias, settings)
+        cte_sql, cte_params = _custom_feature_cte(feature, alias, settings, only is not None)
         params.update(cte_params)
         ctes.append(f"{alias} AS (\n{cte_sql}\n)")
         default = "0" if feature.aggregate in ("count", "sum") else "NULL"
@@ -189,12 +198,13 @@ def features_query(
         custom_ctes=f"WITH {', '.join(ctes)}" if ctes else "",
         custom_columns="".join(columns),
         custom_joins="".join(joins),
+        only="c.customer_id = :only AND " if only is not None else "",
     )
     return sql, params
 
 
 def _custom_feature_cte(
-    feature: CustomFeature, alias: str, settings: Settings
+    feature: CustomFeature, alias: str, settings: Settings, only: bool = False
 ) -> tuple[str, dict[str, Any]]:
     table = source_table(feature.source)
     condition = None
@@ -203,7 +213,7 @@ def _custom_feature_cte(
         condition = parse_condition(feature.where)
         names = set(fields_used(condition))
     fields = source_fields(feature.source, names | ({feature.field} if feature.field else set()))
-    where = ["s.ts < :t"]
+    where = ["s.ts < :t"] + (["s.customer_id = :only"] if only else [])
     params: dict[str, Any] = {}
     if table == "events":
         where.append(f"s.type = :{alias}_type")
@@ -232,26 +242,39 @@ def _custom_feature_cte(
 
 
 def build_features(
-    store: Store, settings: Settings, as_of: int, *, table: str = FEATURE_TABLE
+    store: Store,
+    settings: Settings,
+    as_of: int,
+    *,
+    table: str = FEATURE_TABLE,
+    only: str | None = None,
+    rfm: RfmThresholds | None = None,
 ) -> FeatureTable:
-    """Materialise features as of `as_of` into the temporary table `table`."""
+    """Materialise features as of `as_of` into the temporary table `table`.
+
+    With `only`, just that customer's row (fast: index lookups, no scans); RFM scores
+    then need the population's thresholds, `rfm`, taken from a full build.
+    """
+    if only is not None and rfm is None:
+        raise ValueError("a one-customer build needs the population's RFM thresholds")
     conn = store.conn
-    sql, params = features_query(settings, as_of, table)
+    sql, params = features_query(settings, as_of, table, only)
     _drop(conn, table)
     for stage, columns in _STAGES.items():
         conn.execute(f'CREATE TEMP TABLE "{table}__{stage}" ({columns}) WITHOUT ROWID')
-    ranges = _customer_ranges(store)
+    ranges: list[Bounds] = _customer_ranges(store) if only is None else [(None, None)]
     if len(ranges) > 1:
         _aggregate_in_parallel(store, table, params, ranges)
     else:
-        _aggregate(conn, table, params, into="temp.", src="", bounds=(None, None))
-    params.update(_rfm_parameters(conn, table, params))
+        _aggregate(conn, table, params, into="temp.", src="", bounds=(None, None), only=only)
+    thresholds = rfm if rfm is not None else RfmThresholds(_rfm_parameters(conn, table, params))
+    params.update(thresholds.values)
     conn.execute(f'CREATE TEMP TABLE "{table}" AS {sql}', params)
     conn.execute(f'CREATE UNIQUE INDEX temp."{table}_customer" ON "{table}" (customer_id)')
     for stage in _STAGES:
         conn.execute(f'DROP TABLE temp."{table}__{stage}"')
     rows = conn.execute(f'SELECT count(*) FROM temp."{table}"').fetchone()[0]
-    return FeatureTable(table=table, as_of=as_of, rows=int(rows))
+    return FeatureTable(table=table, as_of=as_of, rows=int(rows), rfm=thresholds)
 
 
 Bounds = tuple[str | None, str | None]
@@ -265,12 +288,15 @@ def _aggregate(
     into: str,
     src: str,
     bounds: Bounds,
+    only: str | None = None,
 ) -> None:
     """Run the per-source stages for the customers within `bounds` (lo inclusive)."""
     lo, hi = bounds
     clauses = ([" AND {c} >= :lo"] if lo is not None else []) + (
         [" AND {c} < :hi"] if hi is not None else []
     )
+    if only is not None:
+        clauses.append(" AND {c} = :only")
     for statement in (_REFUNDS_SQL, _ORDERS_SQL, _EVENTS_SQL):
         conn.execute(
             statement.format(
@@ -279,8 +305,10 @@ def _aggregate(
                 src=src,
                 range="".join(clauses).format(c="customer_id"),
                 range_f="".join(clauses).format(c="f.customer_id"),
+                # One customer: walk the index. Everyone: scan and sort (see _ORDERS_SQL).
+                orders_hint="INDEXED BY orders_customer_ts" if only is not None else "NOT INDEXED",
             ),
-            {**params, "lo": lo, "hi": hi},
+            {**params, "lo": lo, "hi": hi, "only": only},
         )
 
 

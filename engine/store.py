@@ -20,7 +20,7 @@ import sqlite_utils
 from engine.errors import StoreError
 
 DEFAULT_DB = "playbook.db"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 CACHE_KIB = 256 * 1024
 
 # Event types the store understands. Orders and refunds have their own tables (they
@@ -100,6 +100,70 @@ _MIGRATIONS: dict[int, list[str]] = {
         "CREATE INDEX events_customer_type_ts ON events (customer_id, type, ts)",
         "CREATE INDEX events_type_ts ON events (type, ts)",
     ],
+    2: [
+        # One row per execution of a playbook (`playbook run`).
+        """CREATE TABLE runs (
+            run_id TEXT PRIMARY KEY,
+            playbook TEXT NOT NULL,
+            version INTEGER NOT NULL,
+            content_hash TEXT NOT NULL,
+            as_of INTEGER NOT NULL,
+            since INTEGER,
+            engine TEXT NOT NULL,
+            started_at INTEGER NOT NULL,
+            finished_at INTEGER,
+            counts TEXT
+        )""",
+        # The action queue. `action_id` is a hash of (playbook, rule, customer, trigger,
+        # action number): the same decision can never be queued twice.
+        """CREATE TABLE actions (
+            action_id TEXT PRIMARY KEY,
+            run_id TEXT NOT NULL,
+            playbook TEXT NOT NULL,
+            playbook_version INTEGER NOT NULL,
+            playbook_hash TEXT NOT NULL,
+            rule_id TEXT NOT NULL,
+            customer_id TEXT NOT NULL,
+            trigger TEXT NOT NULL,
+            action_index INTEGER NOT NULL,
+            type TEXT NOT NULL,
+            channel TEXT,
+            template TEXT,
+            message TEXT,
+            coupon TEXT,
+            group_name TEXT,
+            tags_added TEXT,
+            tags_removed TEXT,
+            assign_to TEXT,
+            note TEXT,
+            decided_at INTEGER NOT NULL,
+            scheduled_at INTEGER NOT NULL,
+            expires_at INTEGER,
+            status TEXT NOT NULL,
+            reason TEXT,
+            detail TEXT
+        )""",
+        "CREATE INDEX actions_customer_time ON actions (customer_id, scheduled_at)",
+        "CREATE INDEX actions_status_time ON actions (status, scheduled_at)",
+        "CREATE INDEX actions_rule_customer ON actions "
+        "(playbook, rule_id, customer_id, decided_at)",
+        # Whether a customer matched a state rule at its latest evaluation, and how many
+        # times they have entered it: rules fire on entry, once per episode.
+        """CREATE TABLE rule_state (
+            playbook TEXT NOT NULL,
+            rule_id TEXT NOT NULL,
+            customer_id TEXT NOT NULL,
+            matching INTEGER NOT NULL,
+            episode INTEGER NOT NULL,
+            changed_at INTEGER NOT NULL,
+            PRIMARY KEY (playbook, rule_id, customer_id)
+        ) WITHOUT ROWID""",
+        # Up to when each playbook's event rules have consumed events.
+        """CREATE TABLE event_cursor (
+            playbook TEXT PRIMARY KEY,
+            until INTEGER NOT NULL
+        )""",
+    ],
 }
 
 
@@ -142,7 +206,17 @@ class Store:
 
     def count(self, table: str) -> int:
         """Rows in one of the store's tables."""
-        if table not in ("customers", "orders", "refunds", "events", "ingest_log"):
+        if table not in (
+            "customers",
+            "orders",
+            "refunds",
+            "events",
+            "ingest_log",
+            "runs",
+            "actions",
+            "rule_state",
+            "event_cursor",
+        ):
             raise ValueError(f"not a store table: {table}")
         row = self.conn.execute(f"SELECT count(*) FROM {table}").fetchone()
         return int(row[0])

@@ -297,3 +297,20 @@ def test_parallel_build_equals_the_single_connection_build(
     with store.transaction():
         assert module._customer_ranges(store) == [(None, None)]
         assert compute_features(store, settings, AS_OF) == single
+
+
+def test_one_customer_build_equals_their_row_in_a_full_build(store: Store, tmp_path: Path) -> None:
+    from engine.demo import generate_demo
+    from engine.features import build_features, iter_features
+    from engine.settings import load_settings
+
+    generate_demo(store, customers=300, seed=5, end=AS_OF, tz=SHANGHAI)
+    settings = load_settings(str(Path(__file__).parent.parent / "docs" / "settings.example.yaml"))
+    full = build_features(store, settings, AS_OF)
+    rows = {r["customer_id"]: r for r in iter_features(store, full)}
+    for customer in list(rows)[::7]:
+        one = build_features(store, settings, AS_OF, table="one", only=customer, rfm=full.rfm)
+        assert one.rows == 1
+        assert list(iter_features(store, one)) == [rows[customer]]
+    with pytest.raises(ValueError, match="RFM thresholds"):
+        build_features(store, settings, AS_OF, only="00001")
