@@ -14,14 +14,24 @@ import click
 
 from engine.catalog import field_catalog
 from engine.clock import format_epoch, get_timezone, local_day, parse_as_of
+from engine.compile import compile_playbook
 from engine.errors import PlaybookError
+from engine.explain import explain as explain_customer
 from engine.features import build_features, iter_features
 from engine.ingest import KINDS, IngestOptions, ingest_file
 from engine.ingest.load import IngestResult, parse_mapping
 from engine.ingest.read import ByteCounter
-from engine.playbook import check_playbook_file, has_errors, playbook_files
+from engine.playbook import (
+    Playbook,
+    check_playbook_file,
+    has_errors,
+    load_playbook,
+    playbook_files,
+)
+from engine.queue import QUEUE_COLUMNS, list_actions, queue_summary
 from engine.render import FORMATS, csv_text, json_line, table
 from engine.report import Report, build_report
+from engine.run import ENGINES, run_playbooks
 from engine.schemas import load_schema
 from engine.settings import Settings, load_settings, settings_path
 from engine.store import Store, default_db_path, open_store
@@ -415,6 +425,170 @@ def validate(paths: tuple[str, ...], fmt: str, settings_file: str | None) -> Non
         )
     if has_errors(found):
         sys.exit(1)
+
+
+def _load_playbooks(paths: tuple[str, ...], settings: Settings) -> list[Playbook]:
+    return [load_playbook(path, settings) for path in playbook_files(paths)]
+
+
+@cli.command()
+@click.argument("playbooks", nargs=-1, required=True, type=click.Path())
+@click.option("--as-of", help="Evaluate as of this moment (default now).")
+@click.option(
+    "--engine",
+    type=click.Choice(ENGINES),
+    default="auto",
+    show_default=True,
+    help="auto: state rules in SQL, event rules in durable-rules.",
+)
+@click.option(
+    "--since",
+    help="On a playbook's first run, consume events from here (default: 24 hours before --as-of).",
+)
+@click.option(
+    "--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True
+)
+@store_options
+def run(
+    playbooks: tuple[str, ...],
+    as_of: str | None,
+    engine: str,
+    since: str | None,
+    fmt: str,
+    db: str,
+    settings_file: str | None,
+) -> None:
+    """Run playbooks: match, apply the policies, and queue the actions."""
+    settings = _settings(settings_file)
+    loaded = _load_playbooks(playbooks, settings)
+    moment = parse_as_of(as_of, settings.tz)
+    start = parse_as_of(since, settings.tz) if since else None
+    with open_store(db) as store:
+        results = run_playbooks(store, settings, loaded, as_of=moment, engine=engine, since=start)
+    if fmt == "json":
+        click.echo(json.dumps([r.to_dict() for r in results], ensure_ascii=False, indent=2))
+        return
+    for result in results:
+        click.echo(
+            f"{result.playbook} v{result.version} as of "
+            f"{format_epoch(result.as_of, settings.tz)} (run {result.run_id[:8]}, "
+            f"engine {result.engine}): {result.queued} actions queued, "
+            f"{result.suppressed} suppressed"
+        )
+        click.echo(
+            table(
+                ["rule", "kind", "matched", "queued", "suppressed"],
+                (
+                    [
+                        r.rule_id,
+                        r.kind,
+                        r.matched,
+                        r.queued,
+                        r.skipped or ", ".join(f"{k} {v}" for k, v in r.suppressed.items()),
+                    ]
+                    for r in result.rules
+                ),
+            )
+        )
+        click.echo()
+
+
+@cli.command()
+@click.option("--status", help="Only actions with this status (pending, suppressed, ...).")
+@click.option("--playbook", help="Only this playbook's actions.")
+@click.option("--summary", is_flag=True, help="Counts by playbook, status and channel.")
+@click.option("--limit", type=click.IntRange(1), help="At most this many rows.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "json", "csv"]),
+    default="table",
+    show_default=True,
+)
+@store_options
+def queue(
+    status: str | None,
+    playbook: str | None,
+    summary: bool,
+    limit: int | None,
+    fmt: str,
+    db: str,
+    settings_file: str | None,
+) -> None:
+    """Show the action queue (or, with --summary, its counts)."""
+    settings = _settings(settings_file)
+    with open_store(db, readonly=True) as store:
+        if summary:
+            rows = queue_summary(store, playbook=playbook, status=status)
+        else:
+            rows = list_actions(store, status=status, playbook=playbook, limit=limit)
+    for row in rows:
+        for key in ("decided_at", "scheduled_at", "expires_at"):
+            if key in row:
+                row[key] = format_epoch(row[key], settings.tz)
+    names = (
+        list(rows[0])
+        if rows
+        else (["playbook", "status", "reason", "channel", "actions"] if summary else ["action_id"])
+    )
+    if fmt == "json":
+        click.echo(json.dumps(rows, ensure_ascii=False, indent=2))
+    elif fmt == "csv":
+        click.echo(csv_text(names, ([r[n] for n in names] for r in rows)), nl=False)
+    else:
+        shown = names if summary else [n for n in QUEUE_COLUMNS if n in names]
+        click.echo(table(shown, ([r[n] for n in shown] for r in rows)))
+
+
+@cli.command()
+@click.argument("customer")
+@click.argument("playbook_path", metavar="PLAYBOOK", type=click.Path(dir_okay=False))
+@click.option("--as-of", help="Explain as of this moment (default now).")
+@click.option("--engine", type=click.Choice(ENGINES), default="auto", show_default=True)
+@click.option(
+    "--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True
+)
+@store_options
+def explain(
+    customer: str,
+    playbook_path: str,
+    as_of: str | None,
+    engine: str,
+    fmt: str,
+    db: str,
+    settings_file: str | None,
+) -> None:
+    """Why did (or didn't) CUSTOMER get each rule of PLAYBOOK? Changes nothing."""
+    settings = _settings(settings_file)
+    playbook = load_playbook(playbook_path, settings)
+    moment = parse_as_of(as_of, settings.tz)
+    with open_store(db) as store:
+        result = explain_customer(store, settings, playbook, customer, moment, engine=engine)
+    if fmt == "json":
+        click.echo(json.dumps(result.to_dict(), ensure_ascii=False, indent=2))
+        return
+    click.echo(
+        f"{customer} and {playbook.name} v{playbook.version} as of "
+        f"{format_epoch(moment, settings.tz)}"
+    )
+    for rule in result.rules:
+        click.echo(f"\n{rule.rule_id} ({rule.kind} rule): {rule.verdict}")
+        if rule.condition:
+            click.echo(f"  when {rule.condition}")
+        for part in rule.parts:
+            mark = {True: "yes", False: "no", None: "unknown"}[part.holds]
+            values = ", ".join(f"{k} = {v!r}" for k, v in part.values.items())
+            click.echo(f"    [{mark:>7}] {part.text}    ({values})")
+
+
+@cli.command(name="compile")
+@click.argument("playbook_path", metavar="PLAYBOOK", type=click.Path(dir_okay=False))
+@click.option("--settings", "settings_file", type=click.Path(dir_okay=False))
+def compile_(playbook_path: str, settings_file: str | None) -> None:
+    """Show the SQL and the durable-rules ruleset a playbook becomes."""
+    settings = _settings(settings_file)
+    compiled = compile_playbook(load_playbook(playbook_path, settings), settings)
+    click.echo(compiled.render())
 
 
 @cli.command()

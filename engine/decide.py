@@ -1,0 +1,304 @@
+"""Deciding: which matches become actions, and why the others do not. One place, any engine.
+
+Both matching engines hand over the same thing, a candidates table for one rule (who
+matched, on what trigger, and the few facts policies need). The policies run here as set
+operations inside the run's transaction, rule by rule in priority order, action by action,
+so every earlier decision of the run (and every action already queued or sent by any
+playbook on the store) counts against later ones:
+
+    rule level    cooldown -> exclusive group (lost to the winner) -> holdout
+    action level  opted out -> unreachable on the channel -> frequency caps -> coupon budget
+
+A match that does not become an action is still written, with status `suppressed` and its
+reason, so `playbook explain` and the run report can say why.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime, timedelta, tzinfo
+
+from engine.playbook.model import Action, Cap, Playbook, Rule
+
+MESSAGE_KINDS = ("send", "invite_group")  # what frequency caps count: contact with a customer
+CONTACT_KINDS = ("send", "invite_group", "task")  # what an opted-out customer must not get
+LIVE_STATUSES = ("pending", "exported", "sent", "delivered")
+REASONS = ("cooldown", "group", "holdout", "opted_out", "unreachable", "cap", "budget")
+
+CANDIDATES = "candidates"
+_CANDIDATE_COLUMNS = (
+    "customer_id TEXT NOT NULL, trigger TEXT NOT NULL, event_id TEXT, opted_out INTEGER, "
+    "has_wecom INTEGER, has_phone INTEGER, owner TEXT, rule_reason TEXT, rule_detail TEXT, "
+    "PRIMARY KEY (customer_id, trigger)"
+)
+
+
+def bucket(playbook: str, customer_id: str) -> float:
+    """A customer's stable place in [0, 1) for one playbook: the holdout draws on it."""
+    digest = hashlib.sha256(f"{playbook}\x1f{customer_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def action_id(playbook: str, rule: str, customer: str, trigger: str, index: int) -> str:
+    """The deterministic id of one decision: the same decision can never be queued twice."""
+    key = "\x1f".join((playbook, rule, customer, trigger, str(index)))
+    return hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+def register_functions(conn: sqlite3.Connection) -> None:
+    """Make `pb_bucket` and `pb_action_id` callable from this connection's SQL."""
+    conn.create_function("pb_bucket", 2, bucket, deterministic=True)
+    conn.create_function("pb_action_id", 5, action_id, deterministic=True)
+
+
+def next_allowed(moment: int, quiet: tuple[int, int] | None, tz: tzinfo) -> int:
+    """The first moment at or after `moment` outside the quiet hours (minutes of the day)."""
+    if quiet is None:
+        return moment
+    start, end = quiet
+    local = datetime.fromtimestamp(moment, tz)
+    minute = local.hour * 60 + local.minute
+    inside = (start <= minute < end) if start < end else (minute >= start or minute < end)
+    if not inside:
+        return moment
+    opening = local.replace(hour=end // 60, minute=end % 60, second=0, microsecond=0)
+    if opening <= local:
+        opening = (opening + timedelta(days=1)).replace(hour=end // 60, minute=end % 60)
+    return int(opening.timestamp())
+
+
+def cap_window(cap: Cap, moment: int, tz: tzinfo) -> tuple[int, int]:
+    """The (start, end] span of scheduled times a cap counts for an action at `moment`."""
+    if cap.window_seconds is not None:
+        return moment - cap.window_seconds, moment
+    local = datetime.fromtimestamp(moment, tz)
+    if cap.window == "calendar_week":
+        first = (local - timedelta(days=local.weekday())).replace(
+            hour=0, minute=0, second=0, microsecond=0
+        )
+        following = first + timedelta(days=7)
+    else:
+        first = local.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+        following = (first + timedelta(days=32)).replace(day=1)
+    # Calendar windows are closed at the start: shift by one second for the (start, end].
+    return int(first.timestamp()) - 1, int(following.timestamp()) - 1
+
+
+def channel_of(action: Action) -> str | None:
+    """The channel an action reaches the customer on (group invitations go through WeCom)."""
+    if action.kind == "send":
+        return action.channel
+    return "wecom" if action.kind == "invite_group" else None
+
+
+@dataclass
+class RunDecider:
+    """Applies a playbook's policies for one run, rule by rule, inside the run's transaction."""
+
+    conn: sqlite3.Connection
+    playbook: Playbook
+    run_id: str
+    as_of: int
+    tz: tzinfo
+
+    def __post_init__(self) -> None:
+        register_functions(self.conn)
+        self.scheduled_at = next_allowed(self.as_of, self.playbook.quiet_hours, self.tz)
+        self.conn.execute("DROP TABLE IF EXISTS temp.group_winners")
+        self.conn.execute(
+            "CREATE TEMP TABLE group_winners (customer_id TEXT NOT NULL, "
+            "grp TEXT NOT NULL, rule_id TEXT NOT NULL, "
+            "PRIMARY KEY (customer_id, grp)) WITHOUT ROWID"
+        )
+        self.coupons_issued: Counter[str] = Counter()
+
+    @staticmethod
+    def new_candidates(conn: sqlite3.Connection) -> None:
+        """An empty candidates table for the next rule."""
+        conn.execute(f"DROP TABLE IF EXISTS temp.{CANDIDATES}")
+        conn.execute(f"CREATE TEMP TABLE {CANDIDATES} ({_CANDIDATE_COLUMNS}) WITHOUT ROWID")
+
+    def decide(self, rule: Rule) -> Counter[str]:
+        """Decide every candidate of `rule`; returns counts by status / reason."""
+        self._rule_level(rule)
+        for index, action in enumerate(rule.actions):
+            self._insert(rule, index, action)
+            channel = channel_of(action)
+            if action.kind in MESSAGE_KINDS:
+                for cap in self.playbook.caps:
+                    if cap.channel is None or cap.channel == channel:
+                        self._apply_cap(rule, index, cap)
+            if action.coupon is not None:
+                self._apply_budget(rule, index, action.coupon)
+        return self._counts(rule)
+
+    def _rule_level(self, rule: Rule) -> None:
+        conn, params = self.conn, self._params(rule)
+        if rule.cooldown_seconds:
+            conn.execute(
+                f"UPDATE temp.{CANDIDATES} SET rule_reason = 'cooldown', rule_detail = "
+                "'fired within the last ' || :cooldown_text WHERE rule_reason IS NULL AND "
+                "EXISTS (SELECT 1 FROM actions a WHERE a.playbook = :playbook AND "
+                "a.rule_id = :rule AND a.customer_id = candidates.customer_id AND "
+                "a.status != 'suppressed' AND a.decided_at > :as_of - :cooldown)",
+                {
+                    **params,
+                    "cooldown": rule.cooldown_seconds,
+                    "cooldown_text": _duration_text(rule.cooldown_seconds),
+                },
+            )
+        if rule.group is not None:
+            conn.execute(
+                f"UPDATE temp.{CANDIDATES} SET rule_reason = 'group', rule_detail = "
+                "'lost to rule ' || (SELECT w.rule_id FROM temp.group_winners w WHERE "
+                "w.customer_id = candidates.customer_id AND w.grp = :grp) "
+                "WHERE rule_reason IS NULL AND EXISTS (SELECT 1 FROM temp.group_winners w "
+                "WHERE w.customer_id = candidates.customer_id AND w.grp = :grp)",
+                {**params, "grp": rule.group},
+            )
+            conn.execute(
+                "INSERT OR IGNORE INTO temp.group_winners SELECT customer_id, :grp, :rule "
+                f"FROM temp.{CANDIDATES} WHERE rule_reason IS NULL OR rule_reason = 'holdout'",
+                {**params, "grp": rule.group},
+            )
+        if self.playbook.holdout > 0:
+            conn.execute(
+                f"UPDATE temp.{CANDIDATES} SET rule_reason = 'holdout', rule_detail = "
+                "'control group: would have received' WHERE rule_reason IS NULL AND "
+                "pb_bucket(:playbook, customer_id) < :holdout",
+                {**params, "holdout": self.playbook.holdout},
+            )
+            if rule.group is not None:  # a held-out winner still wins its group
+                conn.execute(
+                    "INSERT OR IGNORE INTO temp.group_winners SELECT customer_id, :grp, :rule "
+                    f"FROM temp.{CANDIDATES} WHERE rule_reason = 'holdout'",
+                    {**params, "grp": rule.group},
+                )
+
+    def _insert(self, rule: Rule, index: int, action: Action) -> None:
+        channel = channel_of(action)
+        checks = []
+        if action.kind in CONTACT_KINDS:
+            checks.append("WHEN c.opted_out = 1 THEN 'opted_out'")
+        if channel in ("wecom", "wechat_template"):
+            checks.append("WHEN NOT c.has_wecom THEN 'unreachable'")
+        elif channel == "sms":
+            checks.append("WHEN NOT c.has_phone THEN 'unreachable'")
+        if action.kind == "task" and action.assign_to == "owner":
+            checks.append("WHEN c.owner IS NULL THEN 'unreachable'")
+        action_reason = f"CASE {' '.join(checks)} END" if checks else "NULL"
+        reason = f"coalesce(c.rule_reason, {action_reason})"
+        detail = (
+            f"CASE WHEN c.rule_reason IS NOT NULL THEN c.rule_detail "
+            f"WHEN {action_reason} = 'unreachable' THEN :unreachable END"
+        )
+        self.conn.execute(
+            "INSERT OR IGNORE INTO actions (action_id, run_id, playbook, playbook_version, "
+            "playbook_hash, rule_id, customer_id, trigger, action_index, type, channel, "
+            "template, coupon, group_name, tags_added, tags_removed, assign_to, note, "
+            "decided_at, scheduled_at, expires_at, status, reason, detail) "
+            "SELECT pb_action_id(:playbook, :rule, c.customer_id, c.trigger, :index), :run, "
+            ":playbook, :version, :hash, :rule, c.customer_id, c.trigger, :index, :kind, "
+            ":channel, :template, :coupon, :group_name, :added, :removed, "
+            "CASE WHEN :assign_to = 'owner' THEN c.owner ELSE :assign_to END, :note, "
+            ":as_of, :scheduled, :scheduled + :expires, "
+            f"CASE WHEN {reason} IS NULL THEN 'pending' ELSE 'suppressed' END, "
+            f"{reason}, {detail} FROM temp.{CANDIDATES} c",
+            {
+                **self._params(rule),
+                "index": index,
+                "kind": action.kind,
+                "channel": channel,
+                "template": action.template,
+                "coupon": action.coupon,
+                "group_name": action.group,
+                "added": ",".join(action.add_tags) or None,
+                "removed": ",".join(action.remove_tags) or None,
+                "assign_to": action.assign_to,
+                "note": action.note,
+                "scheduled": self.scheduled_at if action.kind in MESSAGE_KINDS else self.as_of,
+                "expires": rule.expires_seconds,
+                "unreachable": f"no {'phone' if channel == 'sms' else 'WeCom contact'} "
+                f"for {channel}"
+                if channel
+                else "no owning staff member",
+            },
+        )
+
+    def _apply_cap(self, rule: Rule, index: int, cap: Cap) -> None:
+        start, end = cap_window(cap, self.scheduled_at, self.tz)
+        channel_filter = "AND p.channel = :cap_channel" if cap.channel else ""
+        scope = f"{cap.max} per {cap.window}" + (f" on {cap.channel}" if cap.channel else "")
+        self.conn.execute(
+            "UPDATE actions SET status = 'suppressed', reason = 'cap', detail = :scope "
+            "WHERE action_id IN (SELECT a.action_id FROM (SELECT action_id, customer_id, "
+            "row_number() OVER (PARTITION BY customer_id ORDER BY trigger) AS k FROM actions "
+            "WHERE run_id = :run AND rule_id = :rule AND action_index = :index "
+            "AND status = 'pending') AS a "
+            "WHERE a.k + (SELECT count(*) FROM actions p WHERE p.customer_id = a.customer_id "
+            f"AND p.status IN {LIVE_STATUSES} AND p.type IN {MESSAGE_KINDS} {channel_filter} "
+            "AND p.scheduled_at > :start AND p.scheduled_at <= :end "
+            "AND NOT (p.run_id = :run AND p.rule_id = :rule AND p.action_index = :index)) "
+            "> :max)",
+            {
+                **self._params(rule),
+                "index": index,
+                "scope": scope,
+                "cap_channel": cap.channel,
+                "start": start,
+                "end": end,
+                "max": cap.max,
+            },
+        )
+
+    def _apply_budget(self, rule: Rule, index: int, code: str) -> None:
+        coupon = self.playbook.coupons.get(code)
+        if coupon is None or coupon.budget is None:
+            return
+        issued = self.conn.execute(
+            "SELECT count(*) FROM actions WHERE run_id = :run AND coupon = :code AND "
+            "status = 'pending' AND NOT (rule_id = :rule AND action_index = :index)",
+            {**self._params(rule), "code": code, "index": index},
+        ).fetchone()[0]
+        self.conn.execute(
+            "UPDATE actions SET status = 'suppressed', reason = 'budget', detail = :detail "
+            "WHERE action_id IN (SELECT action_id FROM (SELECT action_id, row_number() OVER "
+            "(ORDER BY customer_id, trigger) AS k FROM actions WHERE run_id = :run AND "
+            "rule_id = :rule AND action_index = :index AND status = 'pending') WHERE k > :left)",
+            {
+                **self._params(rule),
+                "index": index,
+                "left": max(coupon.budget - issued, 0),
+                "detail": f"coupon {code}: budget of {coupon.budget} per run used up",
+            },
+        )
+
+    def _counts(self, rule: Rule) -> Counter[str]:
+        counts: Counter[str] = Counter()
+        for status, reason, n in self.conn.execute(
+            "SELECT status, reason, count(*) FROM actions WHERE run_id = ? AND rule_id = ? "
+            "GROUP BY 1, 2",
+            (self.run_id, rule.id),
+        ):
+            counts[reason if status == "suppressed" else status] += n
+        return counts
+
+    def _params(self, rule: Rule) -> dict[str, object]:
+        return {
+            "run": self.run_id,
+            "playbook": self.playbook.name,
+            "version": self.playbook.version,
+            "hash": self.playbook.content_hash,
+            "rule": rule.id,
+            "as_of": self.as_of,
+        }
+
+
+def _duration_text(seconds: int) -> str:
+    for unit, size in (("d", 86_400), ("h", 3_600), ("m", 60)):
+        if seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
