@@ -192,6 +192,10 @@ class _Builder:
             self.engagement(customer_id, joined, join_day, orders, owner)
         if sum(o.amount_cents for o in orders) >= 300_000 or "member" in tags:
             tags.append("vip")
+            # The brand's SCRM tags the VIPs whose birthday month it is (one in twelve);
+            # chosen by id so the random stream, and everything else, stays as it was.
+            if int(customer_id) % 12 == 0:
+                tags.append("birthday-this-month")
         if join_day <= 30:
             tags.append("new")
         if age == "18-24" and rng.random() < 0.35:

@@ -201,5 +201,20 @@ def _verdict(
         "customer_id = ? AND matching = 1",
         (playbook, rule.id, customer),
     ).fetchone()
-    since = f" (since run as of {state[0]})" if state else ""
-    return f"already matching{since}: the rule fires when a customer enters its condition"
+    earlier = store.conn.execute(
+        "SELECT type, channel, status, reason, detail FROM actions WHERE playbook = ? AND "
+        "rule_id = ? AND customer_id = ? AND decided_at = (SELECT max(decided_at) FROM "
+        "actions WHERE playbook = ? AND rule_id = ? AND customer_id = ?) ORDER BY "
+        "action_index",
+        (playbook, rule.id, customer) * 2,
+    ).fetchall()
+    text = "already matching: the rule fires when a customer enters its condition"
+    if state and earlier:
+        decided = "; ".join(
+            f"{kind}{f' ({channel})' if channel else ''}: {status}"
+            + (f" by {reason}" if reason else "")
+            + (f" ({detail})" if detail else "")
+            for kind, channel, status, reason, detail in earlier
+        )
+        text += f"; when they entered: {decided}"
+    return text
