@@ -449,14 +449,17 @@ def iter_features(
     if customer is not None:
         sql += " WHERE customer_id = ?"
         args = (customer,)
-    cursor = store.conn.execute(sql + " ORDER BY customer_id", args)
+    yield from decode_rows(store.conn.execute(sql + " ORDER BY customer_id", args))
+
+
+def decode_rows(cursor: sqlite3.Cursor) -> Iterator[dict[str, Any]]:
+    """Rows of a query over a features table as dicts: tags a list, flags booleans."""
     names = [d[0] for d in cursor.description]
     for row in cursor:
         record = dict(zip(names, row, strict=True))
         record["tags"] = json.loads(record["tags"]) if record["tags"] else []
-        record["opted_out"] = bool(record["opted_out"])
-        record["is_friend"] = bool(record["is_friend"])
-        record["in_group"] = bool(record["in_group"])
+        for flag in ("opted_out", "is_friend", "in_group"):
+            record[flag] = bool(record[flag])
         yield record
 
 

@@ -22,10 +22,11 @@ from typing import Any
 
 from engine.catalog import field_catalog, source_fields, source_table
 from engine.clock import DAY, get_timezone, local_day
+from engine.conditions.ir import fields_used
 from engine.decide import CANDIDATES, REASONS, RunDecider
 from engine.errors import UsageError
-from engine.features import FeatureTable, build_features, iter_features
-from engine.match.sql import fact_fields, match_sql
+from engine.features import FeatureTable, build_features, decode_rows, iter_features
+from engine.match.sql import condition_sql, fact_fields, match_sql
 from engine.playbook.model import Playbook, Rule
 from engine.playbook.templates import render
 from engine.settings import Settings
@@ -230,6 +231,7 @@ class _Runner:
         self.catalog = field_catalog(settings)
         self.event_tables: dict[str, str] = {}
         self.tagged: set[str] = set()  # customers whose tags this run changed
+        self.state_matches: dict[str, set[str]] | None = None
 
     def rule(self, rule: Rule, start: int) -> RuleReport:
         kind = "event" if rule.on else "state"
@@ -265,15 +267,21 @@ class _Runner:
 
     def _state_candidates(self, rule: Rule) -> int:
         table = self.features.table
-        if self.engine == "rules":
-            matched = self._durable_match(rule, self._feature_facts(), None)
-        else:
-            fields = fact_fields(self.catalog)
-            matched = match_sql(self.conn, table, "customer_id", rule.when, fields, self.tz)
         conn, name, as_of = self.conn, self.playbook.name, self.features.as_of
         conn.execute("DROP TABLE IF EXISTS temp.matched")
         conn.execute("CREATE TEMP TABLE matched (customer_id TEXT PRIMARY KEY) WITHOUT ROWID")
-        conn.executemany("INSERT INTO temp.matched VALUES (?)", ((c,) for c in matched))
+        if self.engine == "rules":
+            conn.executemany(
+                "INSERT INTO temp.matched VALUES (?)",
+                ((c,) for c in sorted(self._durable_state_matches(rule))),
+            )
+        else:
+            where, values = condition_sql(rule.when, fact_fields(self.catalog), self.tz)
+            conn.execute(
+                f'INSERT INTO temp.matched SELECT f.customer_id FROM temp."{table}" f '
+                f"WHERE {where}",
+                values,
+            )
         # Entering: matched now, not matching at the rule's previous evaluation.
         conn.execute(
             "INSERT INTO rule_state (playbook, rule_id, customer_id, matching, episode, "
@@ -299,9 +307,43 @@ class _Runner:
         )
         return int(conn.execute(f"SELECT count(*) FROM temp.{CANDIDATES}").fetchone()[0])
 
-    def _feature_facts(self) -> Iterator[tuple[str, dict[str, Any]]]:
-        for row in iter_features(self.store, self.features):
+    def _feature_facts(
+        self, customers: set[str] | None = None
+    ) -> Iterator[tuple[str, dict[str, Any]]]:
+        if customers is None:
+            for row in iter_features(self.store, self.features):
+                yield row["customer_id"], row
+            return
+        self.conn.execute("DROP TABLE IF EXISTS temp.wanted")
+        self.conn.execute("CREATE TEMP TABLE wanted (customer_id TEXT PRIMARY KEY) WITHOUT ROWID")
+        self.conn.executemany("INSERT INTO temp.wanted VALUES (?)", ((c,) for c in customers))
+        for row in self._rows(self.features.table, "JOIN temp.wanted w USING (customer_id)"):
             yield row["customer_id"], row
+
+    def _durable_state_matches(self, rule: Rule) -> set[str]:
+        """All state rules are matched in one pass over the customers' facts; a rule that
+        reads tags is matched again for the customers this run has re-tagged."""
+        if self.state_matches is None:
+            live = [
+                (r.id, r.when)
+                for r in self.playbook.rules
+                if r.on is None and self._skipped(r) is None
+            ]
+            self.state_matches = {rule_id: set() for rule_id, _ in live}
+            for customer, rule_id in self._durable(
+                f"{self.playbook.name}.state", live, None, self._feature_facts()
+            ):
+                self.state_matches[rule_id].add(customer)
+        matched = set(self.state_matches.get(rule.id, set()))
+        if self.tagged and rule.when is not None and "tags" in fields_used(rule.when):
+            again = self._durable(
+                f"{self.playbook.name}.{rule.id}.retagged",
+                [(rule.id, rule.when)],
+                None,
+                self._feature_facts(self.tagged),
+            )
+            matched = (matched - self.tagged) | {customer for customer, _ in again}
+        return matched
 
     # -- event rules ---------------------------------------------------------------------
 
@@ -372,28 +414,27 @@ class _Runner:
         self.event_tables[event] = table
         return table
 
-    def _rows(self, table: str) -> Iterator[dict[str, Any]]:
-        cursor = self.conn.execute(f'SELECT * FROM temp."{table}"')
-        names = [d[0] for d in cursor.description]
-        for values in cursor:
-            row = dict(zip(names, values, strict=True))
-            row["tags"] = json.loads(row["tags"]) if row["tags"] else []
-            for flag in ("opted_out", "is_friend", "in_group"):
-                row[flag] = bool(row[flag])
-            yield row
+    def _rows(self, table: str, join: str = "") -> Iterator[dict[str, Any]]:
+        yield from decode_rows(self.conn.execute(f'SELECT f.* FROM temp."{table}" f {join}'))
 
     # -- durable-rules -------------------------------------------------------------------
 
     def _durable_match(self, rule: Rule, facts: Any, event: str | None) -> list[str]:
+        found = self._durable(
+            f"{self.playbook.name}.{rule.id}", [(rule.id, rule.when)], event, facts
+        )
+        return [key for key, _ in found]
+
+    def _durable(
+        self, name: str, rules: list[tuple[str, Any]], event: str | None, facts: Any
+    ) -> list[tuple[str, str]]:
         from engine.match.durable import DurableMatcher
 
-        fields = {name: info.type for name, info in self.catalog.items()}
+        fields = {field: info.type for field, info in self.catalog.items()}
         if event is not None:
             fields.update({f"event.{k}": v.type for k, v in source_fields(event).items()})
-        matcher = DurableMatcher(
-            f"{self.playbook.name}.{rule.id}", [(rule.id, rule.when)], fields, self.tz
-        )
-        return [key for key, _ in matcher.match(facts)]
+        found: list[tuple[str, str]] = DurableMatcher(name, rules, fields, self.tz).match(facts)
+        return found
 
     # -- effects -------------------------------------------------------------------------
 
@@ -438,11 +479,7 @@ class _Runner:
         if not pending:
             return
         rules = {r.id: r for r in self.playbook.rules}
-        facts = {
-            row["customer_id"]: row
-            for row in iter_features(self.store, self.features)
-            if row["customer_id"] in {p[2] for p in pending}
-        }
+        facts = dict(self._feature_facts({p[2] for p in pending}))
         event_rows: dict[str, dict[str, Any]] = {}
         for table in self.event_tables.values():
             for fact in self._rows(table):
