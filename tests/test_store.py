@@ -75,3 +75,23 @@ def test_a_second_writer_waits_for_the_first(tmp_path: Path) -> None:
         conn.execute("INSERT INTO customers (customer_id) VALUES ('1')")
     first.close()
     second.close()
+
+
+def test_a_schema_1_store_is_migrated_forward_keeping_its_data(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    with open_store(path) as store, store.transaction() as conn:
+        conn.execute("INSERT INTO customers (customer_id) VALUES ('00042')")
+        # Make it look like a store written before schema 2 existed.
+        for table in ("runs", "actions", "rule_state", "event_cursor"):
+            conn.execute(f"DROP TABLE {table}")
+        conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    with open_store(path) as store:
+        assert store.schema_version() == SCHEMA_VERSION == 2
+        assert store.count("customers") == 1
+        assert store.count("actions") == 0
+    with pytest.raises(StoreError, match="run any writing command"):
+        with open_store(path) as store, store.transaction() as conn:
+            conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+            for table in ("runs", "actions", "rule_state", "event_cursor"):
+                conn.execute(f"DROP TABLE {table}")
+        open_store(path, readonly=True)
