@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, lru_cache
 from typing import Any
 
-from jinja2 import StrictUndefined, TemplateSyntaxError, meta, nodes
+from jinja2 import StrictUndefined, Template, TemplateSyntaxError, meta, nodes
 from jinja2.sandbox import SandboxedEnvironment
 
 COUPON_FIELDS = ("code", "value", "min_spend", "description")
@@ -101,6 +101,11 @@ def _line_offset(text: str, lineno: int | None) -> int:
     return sum(len(line) + 1 for line in lines[: max((lineno or 1) - 1, 0)])
 
 
+@lru_cache(maxsize=256)
+def _compiled(text: str) -> Template:
+    return environment().from_string(text)
+
+
 def render(text: str, context: dict[str, Any]) -> str:
     """Render a template in the sandbox; a missing variable raises, never renders empty."""
-    return environment().from_string(text).render(context)
+    return _compiled(text).render(context)
