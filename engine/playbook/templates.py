@@ -43,7 +43,11 @@ class TemplateProblem:
 def environment() -> SandboxedEnvironment:
     """The one sandboxed Jinja2 environment templates are parsed and rendered in."""
     return SandboxedEnvironment(
-        undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True
+        undefined=StrictUndefined,
+        autoescape=False,
+        keep_trailing_newline=True,
+        # A field the customer has no value for prints as nothing, not as "None".
+        finalize=lambda value: "" if value is None else value,
     )
 
 
