@@ -15,7 +15,7 @@ import re
 import sqlite3
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ PARALLEL_MIN_ORDERS = 200_000  # below this, starting workers costs more than it
 WORKER_CACHE_KIB = 128 * 1024
 # A customer loaded with a WeCom external_userid has been a friend since joined_at.
 _FRIEND_FROM = (
-    "(CASE WHEN c.external_userid IS NOT NULL AND coalesce(c.joined_at, 0) < :t "
+    "(CASE WHEN c.external_userid IS NOT NULL AND coalesce(c.joined_at, 0) < {T} "
     "THEN coalesce(c.joined_at, 0) END)"
 )
 _PLACEHOLDER = re.compile(r"\?")
@@ -43,39 +43,71 @@ _PLACEHOLDER = re.compile(r"\?")
 # A refund counts against the window of the order it refunds (its own time if unknown).
 _REFUNDS_SQL = """
 INSERT INTO {into}"{t}__r"
-SELECT f.customer_id, sum(f.amount_cents),
-       sum(CASE WHEN coalesce(po.ts, f.ts) >= :t90 THEN f.amount_cents ELSE 0 END)
-FROM {src}refunds AS f LEFT JOIN {src}orders AS po ON po.order_id = f.order_id
-WHERE f.ts < :t{range_f} GROUP BY f.customer_id
+SELECT {key_f}, sum(f.amount_cents),
+       sum(CASE WHEN coalesce(po.ts, f.ts) >= {t90} THEN f.amount_cents ELSE 0 END)
+{from_refunds}
 """
 # Orders: one sequential scan and a sort by customer beats walking the (customer, ts) index
 # and fetching every row from the table at random. Net spend folds in the refunds (looked
 # up once per customer) so that later stages read one narrow table.
 _ORDERS_SQL = """
 INSERT INTO {into}"{t}__o"
-SELECT customer_id, count(*),
-       sum(amount_cents) - coalesce((SELECT refunded FROM {into}"{t}__r" x
-                                     WHERE x.customer_id = orders.customer_id), 0),
-       sum(CASE WHEN ts >= :t90 THEN amount_cents ELSE 0 END)
+SELECT {key_o}, count(*),
+       sum(orders.amount_cents) - coalesce((SELECT refunded FROM {into}"{t}__r" x
+                                            WHERE x.customer_id = {key_o}), 0),
+       sum(CASE WHEN orders.ts >= {t90} THEN orders.amount_cents ELSE 0 END)
          - coalesce((SELECT refunded90 FROM {into}"{t}__r" x
-                     WHERE x.customer_id = orders.customer_id), 0),
-       min(ts), max(ts),
-       :today - (max(ts) + :off) / 86400,
-       :today - (min(ts) + :off) / 86400,
-       count(DISTINCT category), sum(ts >= :t30)
-FROM {src}orders AS orders {orders_hint} WHERE ts < :t{range} GROUP BY customer_id
+                     WHERE x.customer_id = {key_o}), 0),
+       min(orders.ts), max(orders.ts),
+       {today} - (max(orders.ts) + :off) / 86400,
+       {today} - (min(orders.ts) + :off) / 86400,
+       count(DISTINCT orders.category), sum(orders.ts >= {t30})
+{from_orders}
 """
 # Events: the (customer, type, ts) index covers the query, so no sort at all.
 _EVENTS_SQL = """
 INSERT INTO {into}"{t}__e"
-SELECT customer_id,
-       max(CASE WHEN type = 'friend.added' THEN ts END),
-       max(CASE WHEN type = 'friend.deleted' THEN ts END),
-       sum(type = 'group.joined') - sum(type = 'group.left')
-FROM {src}events INDEXED BY events_customer_type_ts
-WHERE ts < :t AND type IN ('friend.added', 'friend.deleted', 'group.joined', 'group.left'){range}
-GROUP BY customer_id
+SELECT {key_e},
+       max(CASE WHEN ev.type = 'friend.added' THEN ev.ts END),
+       max(CASE WHEN ev.type = 'friend.deleted' THEN ev.ts END),
+       sum(ev.type = 'group.joined') - sum(ev.type = 'group.left')
+{from_events}
 """
+_SOURCES = "'friend.added', 'friend.deleted', 'group.joined', 'group.left'"
+# How each stage reads its source: for everyone as of one moment (grouped by customer), or
+# for a list of points (a customer as of their own moment, e.g. right after an event).
+_FROM_ALL = {
+    "key_f": "f.customer_id",
+    "key_o": "orders.customer_id",
+    "key_e": "ev.customer_id",
+    "from_refunds": "FROM {src}refunds AS f LEFT JOIN {src}orders AS po "
+    "ON po.order_id = f.order_id WHERE f.ts < :t{range_f} "
+    "GROUP BY f.customer_id",
+    "from_orders": "FROM {src}orders AS orders NOT INDEXED WHERE orders.ts < :t{range_o} "
+    "GROUP BY orders.customer_id",
+    "from_events": "FROM {src}events AS ev INDEXED BY events_customer_type_ts "
+    f"WHERE ev.ts < :t AND ev.type IN ({_SOURCES}){{range_e}} "
+    "GROUP BY ev.customer_id",
+    "t90": ":t90",
+    "t30": ":t30",
+    "today": ":today",
+}
+_FROM_POINTS = {
+    "key_f": "p.key",
+    "key_o": "p.key",
+    "key_e": "p.key",
+    "from_refunds": 'FROM temp."{t}__p" p JOIN refunds AS f ON f.customer_id = p.customer_id '
+    "AND f.ts < p.t LEFT JOIN orders AS po ON po.order_id = f.order_id "
+    "GROUP BY p.key",
+    "from_orders": 'FROM temp."{t}__p" p JOIN orders AS orders INDEXED BY orders_customer_ts '
+    "ON orders.customer_id = p.customer_id AND orders.ts < p.t GROUP BY p.key",
+    "from_events": 'FROM temp."{t}__p" p JOIN events AS ev INDEXED BY events_customer_type_ts '
+    f"ON ev.customer_id = p.customer_id AND ev.type IN ({_SOURCES}) "
+    "AND ev.ts < p.t GROUP BY p.key",
+    "t90": "p.t90",
+    "t30": "p.t30",
+    "today": "p.today",
+}
 _STAGES = {
     "r": "customer_id TEXT PRIMARY KEY, refunded INTEGER, refunded90 INTEGER",
     "o": "customer_id TEXT PRIMARY KEY, n INTEGER, spend INTEGER, spend90 INTEGER, "
@@ -97,8 +129,8 @@ _SCORE = (
     "({v} {op} :{m}4) END"
 )
 _FEATURES_SQL = """{custom_ctes}
-SELECT c.customer_id, c.name, c.external_userid, c.owner, c.phone, c.channel, c.joined_at,
-       c.opted_out, c.tags,
+SELECT {point_key}c.customer_id, c.name, c.external_userid, c.owner, c.phone, c.channel,
+       c.joined_at, c.opted_out, c.tags,
        coalesce(o.n, 0) AS order_count,
        coalesce(o.spend, 0) / 100.0 AS total_spend,
        o.first_ts AS first_order_at,
@@ -131,14 +163,14 @@ SELECT c.customer_id, c.name, c.external_userid, c.owner, c.phone, c.channel, c.
          CASE (o.days <= :mean_r) * 2 + (o.n >= :mean_f)
               WHEN 3 THEN 'value' WHEN 2 THEN 'develop' WHEN 1 THEN 'retain' ELSE 'winback' END
        END AS rfm_segment
-FROM customers c
-LEFT JOIN temp."{t}__o" o ON o.customer_id = c.customer_id
-LEFT JOIN temp."{t}__e" e ON e.customer_id = c.customer_id{custom_joins}
-WHERE {only}(c.joined_at < :t
+FROM {from_customers}
+LEFT JOIN temp."{t}__o" o ON o.customer_id = {key}
+LEFT JOIN temp."{t}__e" e ON e.customer_id = {key}{custom_joins}
+WHERE c.joined_at < {T}
    OR (c.joined_at IS NULL AND c.auto_created = 0)
    OR o.customer_id IS NOT NULL
-   OR EXISTS (SELECT 1 FROM events x WHERE x.customer_id = c.customer_id AND x.ts < :t)
-   OR EXISTS (SELECT 1 FROM refunds x WHERE x.customer_id = c.customer_id AND x.ts < :t))
+   OR EXISTS (SELECT 1 FROM events x WHERE x.customer_id = c.customer_id AND x.ts < {T})
+   OR EXISTS (SELECT 1 FROM refunds x WHERE x.customer_id = c.customer_id AND x.ts < {T})
 """
 
 
@@ -175,51 +207,64 @@ def _parameters(settings: Settings, as_of: int) -> dict[str, Any]:
 
 
 def features_query(
-    settings: Settings, as_of: int, table: str = FEATURE_TABLE, only: str | None = None
+    settings: Settings, as_of: int, table: str = FEATURE_TABLE, points: bool = False
 ) -> tuple[str, dict[str, Any]]:
-    """The final statement of the build (and its parameters, less the buyers' statistics)."""
+    """The final statement of the build (and its parameters, less the buyers' statistics).
+
+    With `points`, the statement reads a points table (`{table}__p`: key, customer, and
+    the moment) instead of every customer at `as_of`, and keys its rows by `point_key`.
+    """
     params = _parameters(settings, as_of)
-    params["only"] = only
+    moment = "p.t" if points else ":t"
+    key = "p.key" if points else "c.customer_id"
     ctes, columns, joins = [], [], []
     for index, feature in enumerate(settings.custom_features):
         alias = f"cf{index}"
-        cte_sql, cte_params = _custom_feature_cte(feature, alias, settings, only is not None)
+        cte_sql, cte_params = _custom_feature_cte(feature, alias, settings, table, points)
         params.update(cte_params)
         ctes.append(f"{alias} AS (\n{cte_sql}\n)")
         default = "0" if feature.aggregate in ("count", "sum") else "NULL"
         columns.append(f',\n       coalesce({alias}.v, {default}) AS "{feature.name}"')
-        joins.append(f"\nLEFT JOIN {alias} ON {alias}.customer_id = c.customer_id")
+        joins.append(f"\nLEFT JOIN {alias} ON {alias}.customer_id = {key}")
     sql = _FEATURES_SQL.format(
         t=table,
-        friend_from=_FRIEND_FROM,
+        T=moment,
+        key=key,
+        point_key="p.key AS point_key, " if points else "",
+        from_customers=(
+            f'temp."{table}__p" p JOIN customers c ON c.customer_id = p.customer_id'
+            if points
+            else "customers c"
+        ),
+        friend_from=_FRIEND_FROM.format(T=moment),
         score_r=_SCORE.format(v="o.days", op="<", m="r"),
         score_f=_SCORE.format(v="o.n", op=">", m="f"),
         score_m=_SCORE.format(v="o.spend", op=">", m="m"),
         custom_ctes=f"WITH {', '.join(ctes)}" if ctes else "",
         custom_columns="".join(columns),
         custom_joins="".join(joins),
-        only="c.customer_id = :only AND " if only is not None else "",
     )
     return sql, params
 
 
 def _custom_feature_cte(
-    feature: CustomFeature, alias: str, settings: Settings, only: bool = False
+    feature: CustomFeature, alias: str, settings: Settings, table: str, points: bool
 ) -> tuple[str, dict[str, Any]]:
-    table = source_table(feature.source)
+    source = source_table(feature.source)
     condition = None
     names: set[str] = set()
     if feature.where:
         condition = parse_condition(feature.where)
         names = set(fields_used(condition))
     fields = source_fields(feature.source, names | ({feature.field} if feature.field else set()))
-    where = ["s.ts < :t"] + (["s.customer_id = :only"] if only else [])
+    moment = "p.t" if points else ":t"
+    where = [f"s.ts < {moment}"]
     params: dict[str, Any] = {}
-    if table == "events":
+    if source == "events":
         where.append(f"s.type = :{alias}_type")
         params[f"{alias}_type"] = feature.source
     if feature.within_seconds is not None:
-        where.append(f"s.ts >= :t - :{alias}_within")
+        where.append(f"s.ts >= {moment} - :{alias}_within")
         params[f"{alias}_within"] = feature.within_seconds
     if condition is not None:
         cond_sql, cond_params = compile_to_sql(condition, fields, settings.tz)
@@ -234,47 +279,94 @@ def _custom_feature_cte(
         expr = fields[feature.field].expr
         value = expr if feature.aggregate == "last" else f"{feature.aggregate}({expr})"
     extra = ", max(s.ts) AS latest" if feature.aggregate == "last" else ""
-    sql = (
-        f"  SELECT s.customer_id, {value} AS v{extra}\n  FROM {table} s\n"
-        f"  WHERE {' AND '.join(where)}\n  GROUP BY s.customer_id"
-    )
+    if points:
+        sql = (
+            f'  SELECT p.key AS customer_id, {value} AS v{extra}\n  FROM temp."{table}__p" p '
+            f"JOIN {source} s ON s.customer_id = p.customer_id\n"
+            f"  WHERE {' AND '.join(where)}\n  GROUP BY p.key"
+        )
+    else:
+        sql = (
+            f"  SELECT s.customer_id, {value} AS v{extra}\n  FROM {source} s\n"
+            f"  WHERE {' AND '.join(where)}\n  GROUP BY s.customer_id"
+        )
     return sql, params
 
 
 def build_features(
-    store: Store,
-    settings: Settings,
-    as_of: int,
-    *,
-    table: str = FEATURE_TABLE,
-    only: str | None = None,
-    rfm: RfmThresholds | None = None,
+    store: Store, settings: Settings, as_of: int, *, table: str = FEATURE_TABLE
 ) -> FeatureTable:
-    """Materialise features as of `as_of` into the temporary table `table`.
-
-    With `only`, just that customer's row (fast: index lookups, no scans); RFM scores
-    then need the population's thresholds, `rfm`, taken from a full build.
-    """
-    if only is not None and rfm is None:
-        raise ValueError("a one-customer build needs the population's RFM thresholds")
+    """Materialise every customer's features as of `as_of` into the temp table `table`."""
     conn = store.conn
-    sql, params = features_query(settings, as_of, table, only)
+    sql, params = features_query(settings, as_of, table)
     _drop(conn, table)
-    for stage, columns in _STAGES.items():
-        conn.execute(f'CREATE TEMP TABLE "{table}__{stage}" ({columns}) WITHOUT ROWID')
-    ranges: list[Bounds] = _customer_ranges(store) if only is None else [(None, None)]
+    _create_stages(conn, table)
+    ranges = _customer_ranges(store)
     if len(ranges) > 1:
         _aggregate_in_parallel(store, table, params, ranges)
     else:
-        _aggregate(conn, table, params, into="temp.", src="", bounds=(None, None), only=only)
-    thresholds = rfm if rfm is not None else RfmThresholds(_rfm_parameters(conn, table, params))
+        _aggregate(conn, table, params, into="temp.", src="", bounds=(None, None))
+    thresholds = RfmThresholds(_rfm_parameters(conn, table, params))
     params.update(thresholds.values)
     conn.execute(f'CREATE TEMP TABLE "{table}" AS {sql}', params)
     conn.execute(f'CREATE UNIQUE INDEX temp."{table}_customer" ON "{table}" (customer_id)')
-    for stage in _STAGES:
-        conn.execute(f'DROP TABLE temp."{table}__{stage}"')
+    _drop_stages(conn, table)
     rows = conn.execute(f'SELECT count(*) FROM temp."{table}"').fetchone()[0]
     return FeatureTable(table=table, as_of=as_of, rows=int(rows), rfm=thresholds)
+
+
+def build_point_features(
+    store: Store,
+    settings: Settings,
+    points: Sequence[tuple[str, str, int]],
+    rfm: RfmThresholds,
+    *,
+    table: str,
+) -> FeatureTable:
+    """Features of customers each as of their own moment: `points` are (key, customer, as_of).
+
+    The same statements as `build_features`, reading a points table instead of every
+    customer, so an event's customer is judged as of right after that event. RFM scores
+    use the population's thresholds `rfm` (from a full build). Rows carry `point_key`.
+    """
+    conn = store.conn
+    as_of = max((moment for _, _, moment in points), default=0)
+    sql, params = features_query(settings, as_of, table, points=True)
+    _drop(conn, table)
+    _create_stages(conn, table)
+    conn.execute(
+        f'CREATE TEMP TABLE "{table}__p" (key TEXT PRIMARY KEY, customer_id TEXT, '
+        "t INTEGER, t30 INTEGER, t90 INTEGER, today INTEGER) WITHOUT ROWID"
+    )
+    offset = params["off"]
+    conn.executemany(
+        f'INSERT INTO temp."{table}__p" VALUES (?, ?, ?, ?, ?, ?)',
+        (
+            (key, customer, moment, moment - 30 * DAY, moment - 90 * DAY, (moment + offset) // DAY)
+            for key, customer, moment in points
+        ),
+    )
+    for statement in (_REFUNDS_SQL, _ORDERS_SQL, _EVENTS_SQL):
+        conn.execute(
+            statement.format(t=table, into="temp.", **_FROM_POINTS).format(t=table), params
+        )
+    params.update(rfm.values)
+    conn.execute(f'CREATE TEMP TABLE "{table}" AS {sql}', params)
+    conn.execute(f'CREATE UNIQUE INDEX temp."{table}_point" ON "{table}" (point_key)')
+    _drop_stages(conn, table)
+    conn.execute(f'DROP TABLE temp."{table}__p"')
+    rows = conn.execute(f'SELECT count(*) FROM temp."{table}"').fetchone()[0]
+    return FeatureTable(table=table, as_of=as_of, rows=int(rows), rfm=rfm)
+
+
+def _create_stages(conn: sqlite3.Connection, table: str) -> None:
+    for stage, columns in _STAGES.items():
+        conn.execute(f'CREATE TEMP TABLE "{table}__{stage}" ({columns}) WITHOUT ROWID')
+
+
+def _drop_stages(conn: sqlite3.Connection, table: str) -> None:
+    for stage in _STAGES:
+        conn.execute(f'DROP TABLE temp."{table}__{stage}"')
 
 
 Bounds = tuple[str | None, str | None]
@@ -288,28 +380,23 @@ def _aggregate(
     into: str,
     src: str,
     bounds: Bounds,
-    only: str | None = None,
 ) -> None:
     """Run the per-source stages for the customers within `bounds` (lo inclusive)."""
     lo, hi = bounds
     clauses = ([" AND {c} >= :lo"] if lo is not None else []) + (
         [" AND {c} < :hi"] if hi is not None else []
     )
-    if only is not None:
-        clauses.append(" AND {c} = :only")
-    for statement in (_REFUNDS_SQL, _ORDERS_SQL, _EVENTS_SQL):
-        conn.execute(
-            statement.format(
-                t=table,
-                into=into,
-                src=src,
-                range="".join(clauses).format(c="customer_id"),
-                range_f="".join(clauses).format(c="f.customer_id"),
-                # One customer: walk the index. Everyone: scan and sort (see _ORDERS_SQL).
-                orders_hint="INDEXED BY orders_customer_ts" if only is not None else "NOT INDEXED",
-            ),
-            {**params, "lo": lo, "hi": hi, "only": only},
+    ranges = {
+        f"range_{k}": "".join(clauses).format(c=column)
+        for k, column in (
+            ("f", "f.customer_id"),
+            ("o", "orders.customer_id"),
+            ("e", "ev.customer_id"),
         )
+    }
+    for statement in (_REFUNDS_SQL, _ORDERS_SQL, _EVENTS_SQL):
+        sql = statement.format(t=table, into=into, **_FROM_ALL)
+        conn.execute(sql.format(src=src, **ranges), {**params, "lo": lo, "hi": hi})
 
 
 def _customer_ranges(store: Store) -> list[Bounds]:

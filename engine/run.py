@@ -25,7 +25,13 @@ from engine.clock import DAY, get_timezone, local_day
 from engine.conditions.ir import fields_used
 from engine.decide import CANDIDATES, REASONS, RunDecider
 from engine.errors import UsageError
-from engine.features import FeatureTable, build_features, decode_rows, iter_features
+from engine.features import (
+    FeatureTable,
+    build_features,
+    build_point_features,
+    decode_rows,
+    iter_features,
+)
 from engine.match.sql import condition_sql, fact_fields, match_sql
 from engine.playbook.model import Playbook, Rule
 from engine.playbook.templates import render
@@ -387,30 +393,29 @@ class _Runner:
             "ORDER BY s.ts, s.rowid",
             {"start": start, "as_of": self.features.as_of, "type": event},
         ).fetchall()
-        feature_columns = [
-            row[1] for row in self.conn.execute(f'PRAGMA temp.table_info("{self.features.table}")')
-        ]
-        columns_sql = ", ".join(
-            f'"{c}"'
-            for c in [*feature_columns, "event_id", "event_ts", *(f"event.{n}" for n in fields)]
+        points = build_point_features(
+            self.store,
+            self.settings,
+            [(event_id, customer, ts + 1) for event_id, customer, ts, *_ in events],
+            self.features.rfm,
+            table="event_points",
+        )
+        self.conn.execute("DROP TABLE IF EXISTS temp.event_values")
+        columns = ", ".join(f'"event.{name}"' for name in fields)
+        self.conn.execute(
+            f"CREATE TEMP TABLE event_values (event_id TEXT PRIMARY KEY, "
+            f"event_ts INTEGER, {columns}) WITHOUT ROWID"
+        )
+        marks = ", ".join("?" for _ in range(len(fields) + 2))
+        self.conn.executemany(
+            f"INSERT OR IGNORE INTO temp.event_values VALUES ({marks})",
+            ((event_id, ts, *values) for event_id, _, ts, *values in events),
         )
         self.conn.execute(f'DROP TABLE IF EXISTS temp."{table}"')
-        self.conn.execute(f'CREATE TEMP TABLE "{table}" ({columns_sql})')
-        marks = ", ".join("?" for _ in range(len(fields) + 2))
-        for event_id, customer, ts, *values in events:
-            one = build_features(
-                self.store,
-                self.settings,
-                ts + 1,
-                table="event_one",
-                only=customer,
-                rfm=self.features.rfm,
-            )
-            if one.rows:
-                self.conn.execute(
-                    f'INSERT INTO temp."{table}" SELECT f.*, {marks} FROM temp.event_one f',
-                    (event_id, ts, *values),
-                )
+        self.conn.execute(
+            f'CREATE TEMP TABLE "{table}" AS SELECT f.*, v.* FROM temp."{points.table}" f '
+            "JOIN temp.event_values v ON v.event_id = f.point_key"
+        )
         self.event_tables[event] = table
         return table
 

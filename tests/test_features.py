@@ -299,18 +299,24 @@ def test_parallel_build_equals_the_single_connection_build(
         assert compute_features(store, settings, AS_OF) == single
 
 
-def test_one_customer_build_equals_their_row_in_a_full_build(store: Store, tmp_path: Path) -> None:
+def test_point_builds_equal_the_rows_of_full_builds(store: Store, tmp_path: Path) -> None:
+    """Customers each as of their own moment == their rows in full builds at those moments."""
     from engine.demo import generate_demo
-    from engine.features import build_features, iter_features
+    from engine.features import build_features, build_point_features, iter_features
     from engine.settings import load_settings
 
     generate_demo(store, customers=300, seed=5, end=AS_OF, tz=SHANGHAI)
     settings = load_settings(str(Path(__file__).parent.parent / "docs" / "settings.example.yaml"))
-    full = build_features(store, settings, AS_OF)
-    rows = {r["customer_id"]: r for r in iter_features(store, full)}
-    for customer in list(rows)[::7]:
-        one = build_features(store, settings, AS_OF, table="one", only=customer, rfm=full.rfm)
-        assert one.rows == 1
-        assert list(iter_features(store, one)) == [rows[customer]]
-    with pytest.raises(ValueError, match="RFM thresholds"):
-        build_features(store, settings, AS_OF, only="00001")
+    moments = [AS_OF, AS_OF - 40 * 86_400 + 3_600, AS_OF - 200 * 86_400]
+    full = {}
+    for moment in moments:
+        built = build_features(store, settings, moment, table=f"full{moment}")
+        full[moment] = (built.rfm, {r["customer_id"]: r for r in iter_features(store, built)})
+    for moment in moments:
+        rfm, rows = full[moment]
+        chosen = sorted(rows)[::7]
+        points = build_point_features(
+            store, settings, [(f"k{c}", c, moment) for c in chosen], rfm, table="pts"
+        )
+        got = {r.pop("point_key"): r for r in iter_features(store, points)}
+        assert got == {f"k{c}": rows[c] for c in chosen}
