@@ -1,5 +1,6 @@
 # Two commands do all the set-up on a fresh machine:
-#   make demo   installs the engine into .venv and runs it end to end on generated demo data
+#   make demo   installs the engine into .venv and runs it end to end on generated demo data:
+#               a store, its report, the example playbooks checked and run, the queue
 #   make test   installs the test tools too and runs ruff, mypy and the test suite
 PYTHON ?= $(shell for p in python3.12 python3.11 python3; do \
 	if command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(not ((3, 11) <= sys.version_info[:2] < (3, 13)))' 2>/dev/null; then \
@@ -26,6 +27,8 @@ $(VENV)/.installed-test: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(BIN)/playbook demo --db $(DEMO_DB) --replace
 	$(BIN)/playbook validate playbooks
+	$(BIN)/playbook run playbooks --db $(DEMO_DB)
+	$(BIN)/playbook queue --db $(DEMO_DB) --summary
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .
@@ -38,6 +41,7 @@ test: lint
 bench: $(VENV)/.installed-test
 	$(BIN)/python bench/features.py
 	$(BIN)/python bench/ingest.py
+	$(BIN)/python bench/run.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_DB) $(DEMO_DB)-wal $(DEMO_DB)-shm .pytest_cache .mypy_cache .ruff_cache
