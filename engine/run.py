@@ -486,9 +486,16 @@ class _Runner:
         rules = {r.id: r for r in self.playbook.rules}
         facts = dict(self._feature_facts({p[2] for p in pending}))
         event_rows: dict[str, dict[str, Any]] = {}
-        for table in self.event_tables.values():
-            for fact in self._rows(table):
-                event_rows[fact["event_id"]] = fact
+        wanted = {trigger[6:] for *_, trigger, _, _, _ in pending if trigger.startswith("event:")}
+        if wanted:
+            self.conn.execute("DROP TABLE IF EXISTS temp.wanted_events")
+            self.conn.execute("CREATE TEMP TABLE wanted_events (event_id TEXT PRIMARY KEY)")
+            self.conn.executemany(
+                "INSERT INTO temp.wanted_events VALUES (?)", ((e,) for e in wanted)
+            )
+            for table in self.event_tables.values():
+                for fact in self._rows(table, "JOIN temp.wanted_events w USING (event_id)"):
+                    event_rows[fact["event_id"]] = fact
         updates = []
         for action, rule_id, customer, trigger, template, coupon, group in pending:
             row: dict[str, Any] | None = (

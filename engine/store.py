@@ -145,6 +145,8 @@ _MIGRATIONS: dict[int, list[str]] = {
         )""",
         "CREATE INDEX actions_customer_time ON actions (customer_id, scheduled_at)",
         "CREATE INDEX actions_status_time ON actions (status, scheduled_at)",
+        # A run decides rule by rule and action by action: each step reads its own rows.
+        "CREATE INDEX actions_run_rule ON actions (run_id, rule_id, action_index, status)",
         "CREATE INDEX actions_rule_customer ON actions "
         "(playbook, rule_id, customer_id, decided_at)",
         # Whether a customer matched a state rule at its latest evaluation, and how many
