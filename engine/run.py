@@ -115,23 +115,31 @@ def run_playbooks(
     if engine not in ENGINES:
         raise UsageError(f"--engine must be one of {', '.join(ENGINES)}, not {engine!r}")
     features = build_features(store, settings, as_of)
-    return [_run_one(store, settings, playbook, features, engine, since) for playbook in playbooks]
+    seen = _data_version(store)
+    results = []
+    for playbook in playbooks:
+        with store.transaction() as conn:
+            # Features are built before the write lock is taken (so the build can use
+            # every core). If another command committed meanwhile — another run tagging
+            # customers — bring the tags up to date before deciding anything on them.
+            if _data_version(store) != seen:
+                conn.execute(
+                    f'UPDATE temp."{features.table}" SET tags = (SELECT c.tags FROM '
+                    "customers c WHERE c.customer_id = "
+                    f'temp."{features.table}".customer_id)'
+                )
+            results.append(_execute(store, conn, settings, playbook, features, engine, since))
+        seen = _data_version(store)
+    return results
+
+
+def _data_version(store: Store) -> int:
+    """Changes whenever another connection commits to the store."""
+    return int(store.conn.execute("PRAGMA data_version").fetchone()[0])
 
 
 class _Rollback(Exception):
     """Raised to undo a simulated run."""
-
-
-def _run_one(
-    store: Store,
-    settings: Settings,
-    playbook: Playbook,
-    features: FeatureTable,
-    engine: str,
-    since: int | None,
-) -> RunResult:
-    with store.transaction() as conn:
-        return _execute(store, conn, settings, playbook, features, engine, since)
 
 
 def simulate(
