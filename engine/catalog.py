@@ -146,8 +146,6 @@ _EVENT_PROPS: dict[str, dict[str, FieldType]] = {
     "membership.bought": {"plan": STRING, "amount": NUMBER},
 }
 
-SOURCES: dict[str, str] = {"orders": ORDER_EVENT, "refunds": REFUND_EVENT}
-
 
 def source_table(source: str) -> str:
     """The store table that holds `source` (orders, refunds, or an event type)."""

@@ -359,9 +359,9 @@ def build_point_features(
     return FeatureTable(table=table, as_of=as_of, rows=int(rows), rfm=rfm)
 
 
-def _create_stages(conn: sqlite3.Connection, table: str) -> None:
+def _create_stages(conn: sqlite3.Connection, table: str, kind: str = "TEMP TABLE") -> None:
     for stage, columns in _STAGES.items():
-        conn.execute(f'CREATE TEMP TABLE "{table}__{stage}" ({columns}) WITHOUT ROWID')
+        conn.execute(f'CREATE {kind} "{table}__{stage}" ({columns}) WITHOUT ROWID')
 
 
 def _drop_stages(conn: sqlite3.Connection, table: str) -> None:
@@ -446,8 +446,7 @@ def _aggregate_in_parallel(
                     worker.execute("PRAGMA synchronous = OFF")
                     worker.execute(f"PRAGMA cache_size = -{WORKER_CACHE_KIB}")
                     worker.execute("ATTACH DATABASE ? AS src", (source,))
-                    for stage, columns in _STAGES.items():
-                        worker.execute(f'CREATE TABLE "{table}__{stage}" ({columns}) WITHOUT ROWID')
+                    _create_stages(worker, table, kind="TABLE")
                     _aggregate(worker, table, params, into="", src="src.", bounds=bounds)
                 finally:
                     worker.close()
