@@ -11,6 +11,11 @@ playbook on the store) counts against later ones:
 
 A match that does not become an action is still written, with status `suppressed` and its
 reason, so `playbook explain` and the run report can say why.
+
+Decisions are staged in the temp table `decisions` (the queue's columns) while the run
+works through its rules — every policy reads it together with the queue — and reach the
+queue in one sorted insert at the end (`flush`): one write per action, no updates of
+queue rows in place.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ LIVE_STATUSES = ("pending", "exported", "sent", "delivered")
 REASONS = ("cooldown", "group", "holdout", "opted_out", "unreachable", "cap", "budget")
 
 CANDIDATES = "candidates"
+DECISIONS = "decisions"
 _CANDIDATE_COLUMNS = (
     "customer_id TEXT NOT NULL, trigger TEXT NOT NULL, event_id TEXT, opted_out INTEGER, "
     "has_wecom INTEGER, has_phone INTEGER, owner TEXT, rule_reason TEXT, rule_detail TEXT, "
@@ -113,7 +119,25 @@ class RunDecider:
             "grp TEXT NOT NULL, rule_id TEXT NOT NULL, "
             "PRIMARY KEY (customer_id, grp)) WITHOUT ROWID"
         )
-        self.coupons_issued: Counter[str] = Counter()
+        self.conn.execute(f"DROP TABLE IF EXISTS temp.{DECISIONS}")
+        self.conn.execute(
+            f"CREATE TEMP TABLE {DECISIONS} AS SELECT * FROM main.actions WHERE false"
+        )
+        self.conn.execute(f"CREATE UNIQUE INDEX temp.{DECISIONS}_id ON {DECISIONS} (action_id)")
+        self.conn.execute(f"CREATE INDEX temp.{DECISIONS}_customer ON {DECISIONS} (customer_id)")
+        self.conn.execute(
+            f"CREATE INDEX temp.{DECISIONS}_rule ON {DECISIONS} (rule_id, action_index, status)"
+        )
+
+    def flush(self) -> int:
+        """Write the run's decisions into the queue (in one sorted insert); returns how many.
+
+        The staged rows stay readable in `temp.decisions` until the next decider starts."""
+        cursor = self.conn.execute(
+            f"INSERT OR IGNORE INTO main.actions SELECT * FROM temp.{DECISIONS} "
+            "ORDER BY customer_id, action_id"
+        )
+        return int(cursor.rowcount)
 
     @staticmethod
     def new_candidates(conn: sqlite3.Connection) -> None:
@@ -141,7 +165,7 @@ class RunDecider:
             conn.execute(
                 f"UPDATE temp.{CANDIDATES} SET rule_reason = 'cooldown', rule_detail = "
                 "'fired within the last ' || :cooldown_text WHERE rule_reason IS NULL AND "
-                "EXISTS (SELECT 1 FROM actions a WHERE a.playbook = :playbook AND "
+                "EXISTS (SELECT 1 FROM main.actions a WHERE a.playbook = :playbook AND "
                 "a.rule_id = :rule AND a.customer_id = candidates.customer_id AND "
                 "a.status != 'suppressed' AND a.decided_at > :as_of - :cooldown)",
                 {
@@ -196,17 +220,20 @@ class RunDecider:
             f"WHEN {action_reason} = 'unreachable' THEN :unreachable END"
         )
         self.conn.execute(
-            "INSERT OR IGNORE INTO actions (action_id, run_id, playbook, playbook_version, "
-            "playbook_hash, rule_id, customer_id, trigger, action_index, type, channel, "
-            "template, coupon, group_name, tags_added, tags_removed, assign_to, note, "
-            "decided_at, scheduled_at, expires_at, status, reason, detail) "
+            f"INSERT OR IGNORE INTO temp.{DECISIONS} (action_id, run_id, playbook, "
+            "playbook_version, playbook_hash, rule_id, customer_id, trigger, action_index, "
+            "type, channel, template, coupon, group_name, tags_added, tags_removed, "
+            "assign_to, note, decided_at, scheduled_at, expires_at, status, reason, detail) "
             "SELECT pb_action_id(:playbook, :rule, c.customer_id, c.trigger, :index), :run, "
             ":playbook, :version, :hash, :rule, c.customer_id, c.trigger, :index, :kind, "
             ":channel, :template, :coupon, :group_name, :added, :removed, "
             "CASE WHEN :assign_to = 'owner' THEN c.owner ELSE :assign_to END, :note, "
             ":as_of, :scheduled, :scheduled + :expires, "
             f"CASE WHEN {reason} IS NULL THEN 'pending' ELSE 'suppressed' END, "
-            f"{reason}, {detail} FROM temp.{CANDIDATES} c",
+            f"{reason}, {detail} FROM temp.{CANDIDATES} c "
+            # The same decision already in the queue (a repeated run) is not made again.
+            "WHERE NOT EXISTS (SELECT 1 FROM main.actions q WHERE q.action_id = "
+            "pb_action_id(:playbook, :rule, c.customer_id, c.trigger, :index))",
             {
                 **self._params(rule),
                 "index": index,
@@ -232,17 +259,21 @@ class RunDecider:
         start, end = cap_window(cap, self.scheduled_at, self.tz)
         channel_filter = "AND p.channel = :cap_channel" if cap.channel else ""
         scope = f"{cap.max} per {cap.window}" + (f" on {cap.channel}" if cap.channel else "")
+        live = (
+            f"p.status IN {LIVE_STATUSES} AND p.type IN {MESSAGE_KINDS} {channel_filter} "
+            "AND p.scheduled_at > :start AND p.scheduled_at <= :end"
+        )
         self.conn.execute(
-            "UPDATE actions SET status = 'suppressed', reason = 'cap', detail = :scope "
-            "WHERE action_id IN (SELECT a.action_id FROM (SELECT action_id, customer_id, "
-            "row_number() OVER (PARTITION BY customer_id ORDER BY trigger) AS k FROM actions "
-            "WHERE run_id = :run AND rule_id = :rule AND action_index = :index "
+            f"UPDATE temp.{DECISIONS} SET status = 'suppressed', reason = 'cap', "
+            "detail = :scope WHERE action_id IN (SELECT a.action_id FROM (SELECT action_id, "
+            "customer_id, row_number() OVER (PARTITION BY customer_id ORDER BY trigger) AS k "
+            f"FROM temp.{DECISIONS} WHERE rule_id = :rule AND action_index = :index "
             "AND status = 'pending') AS a "
-            "WHERE a.k + (SELECT count(*) FROM actions p WHERE p.customer_id = a.customer_id "
-            f"AND p.status IN {LIVE_STATUSES} AND p.type IN {MESSAGE_KINDS} {channel_filter} "
-            "AND p.scheduled_at > :start AND p.scheduled_at <= :end "
-            "AND NOT (p.run_id = :run AND p.rule_id = :rule AND p.action_index = :index)) "
-            "> :max)",
+            "WHERE a.k + (SELECT count(*) FROM main.actions p WHERE "
+            f"p.customer_id = a.customer_id AND {live}) "
+            f"+ (SELECT count(*) FROM temp.{DECISIONS} p WHERE "
+            f"p.customer_id = a.customer_id AND {live} "
+            "AND NOT (p.rule_id = :rule AND p.action_index = :index)) > :max)",
             {
                 **self._params(rule),
                 "index": index,
@@ -259,15 +290,16 @@ class RunDecider:
         if coupon is None or coupon.budget is None:
             return
         issued = self.conn.execute(
-            "SELECT count(*) FROM actions WHERE run_id = :run AND coupon = :code AND "
+            f"SELECT count(*) FROM temp.{DECISIONS} WHERE coupon = :code AND "
             "status = 'pending' AND NOT (rule_id = :rule AND action_index = :index)",
             {**self._params(rule), "code": code, "index": index},
         ).fetchone()[0]
         self.conn.execute(
-            "UPDATE actions SET status = 'suppressed', reason = 'budget', detail = :detail "
-            "WHERE action_id IN (SELECT action_id FROM (SELECT action_id, row_number() OVER "
-            "(ORDER BY customer_id, trigger) AS k FROM actions WHERE run_id = :run AND "
-            "rule_id = :rule AND action_index = :index AND status = 'pending') WHERE k > :left)",
+            f"UPDATE temp.{DECISIONS} SET status = 'suppressed', reason = 'budget', "
+            "detail = :detail WHERE action_id IN (SELECT action_id FROM (SELECT action_id, "
+            "row_number() OVER (ORDER BY customer_id, trigger) AS k "
+            f"FROM temp.{DECISIONS} WHERE rule_id = :rule AND action_index = :index "
+            "AND status = 'pending') WHERE k > :left)",
             {
                 **self._params(rule),
                 "index": index,
@@ -279,9 +311,9 @@ class RunDecider:
     def _counts(self, rule: Rule) -> Counter[str]:
         counts: Counter[str] = Counter()
         for status, reason, n in self.conn.execute(
-            "SELECT status, reason, count(*) FROM actions WHERE run_id = ? AND rule_id = ? "
+            f"SELECT status, reason, count(*) FROM temp.{DECISIONS} WHERE rule_id = ? "
             "GROUP BY 1, 2",
-            (self.run_id, rule.id),
+            (rule.id,),
         ):
             counts[reason if status == "suppressed" else status] += n
         return counts

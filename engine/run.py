@@ -23,7 +23,7 @@ from typing import Any
 from engine.catalog import field_catalog, source_fields, source_table
 from engine.clock import DAY, get_timezone, local_day
 from engine.conditions.ir import fields_used
-from engine.decide import CANDIDATES, REASONS, RunDecider
+from engine.decide import CANDIDATES, DECISIONS, REASONS, RunDecider
 from engine.errors import UsageError
 from engine.features import (
     FeatureTable,
@@ -34,13 +34,14 @@ from engine.features import (
 )
 from engine.match.sql import condition_sql, fact_fields, match_sql
 from engine.playbook.model import Playbook, Rule
-from engine.playbook.templates import render
+from engine.playbook.templates import TemplateProblem, render, template_variables
 from engine.settings import Settings
 from engine.store import Store
 
 ENGINES = ("auto", "sql", "rules")
 DEFAULT_SINCE = DAY
 EVENT_FACTS = "event_facts"
+FLAGS = ("opted_out", "is_friend", "in_group")  # features stored as 0/1, read as booleans
 
 
 @dataclass(frozen=True)
@@ -110,11 +111,19 @@ def run_playbooks(
     as_of: int,
     engine: str = "auto",
     since: int | None = None,
+    features: FeatureTable | None = None,
 ) -> list[RunResult]:
-    """Run each playbook against the store as of `as_of`; see the module docstring."""
+    """Run each playbook against the store as of `as_of`; see the module docstring.
+
+    `features`: the customers' features as of `as_of`, if already built (a simulation
+    stepping through time builds them incrementally); built here otherwise."""
     if engine not in ENGINES:
         raise UsageError(f"--engine must be one of {', '.join(ENGINES)}, not {engine!r}")
-    features = build_features(store, settings, as_of)
+    if features is None:
+        features = build_features(store, settings, as_of)
+    elif features.as_of != as_of:
+        raise ValueError(f"features are as of {features.as_of}, the run as of {as_of}")
+    facts = RunFacts(store, settings, features)
     seen = _data_version(store)
     results = []
     for playbook in playbooks:
@@ -123,14 +132,86 @@ def run_playbooks(
             # every core). If another command committed meanwhile — another run tagging
             # customers — bring the tags up to date before deciding anything on them.
             if _data_version(store) != seen:
-                conn.execute(
-                    f'UPDATE temp."{features.table}" SET tags = (SELECT c.tags FROM '
-                    "customers c WHERE c.customer_id = "
-                    f'temp."{features.table}".customer_id)'
-                )
-            results.append(_execute(store, conn, settings, playbook, features, engine, since))
+                facts.refresh_tags()
+            results.append(_execute(store, conn, settings, playbook, facts, engine, since))
         seen = _data_version(store)
     return results
+
+
+class RunFacts:
+    """What one run's playbooks are judged on: every customer's features as of the run,
+    and — built once, shared by all the playbooks — each event type's facts (one row per
+    event: the customer's features as of right after it, and the event's properties).
+
+    Tag changes made by the run are written through to every table here, so a rule sees
+    the tags that earlier rules (of this or an earlier playbook) queued."""
+
+    def __init__(self, store: Store, settings: Settings, features: FeatureTable) -> None:
+        self.store, self.settings, self.features = store, settings, features
+        self.conn = store.conn
+        self.event_tables: dict[tuple[str, int], str] = {}
+
+    @property
+    def tables(self) -> list[str]:
+        """Every facts table with a `tags` column."""
+        return [self.features.table, *self.event_tables.values()]
+
+    def refresh_tags(self, customers: str | None = None) -> None:
+        """Re-read tags from the store, for every customer or those in temp `customers`."""
+        only = f" WHERE customer_id IN (SELECT customer_id FROM temp.{customers})"
+        for table in self.tables:
+            self.conn.execute(
+                f'UPDATE temp."{table}" SET tags = (SELECT c.tags FROM customers c '
+                f'WHERE c.customer_id = temp."{table}".customer_id)' + (only if customers else "")
+            )
+
+    def events(self, event: str, start: int) -> str:
+        """A temp table of one row per `event` in [start, as_of): features right after it."""
+        known = self.event_tables.get((event, start))
+        if known is not None:
+            return known
+        conn, as_of = self.conn, self.features.as_of
+        table = f"{EVENT_FACTS}_{len(self.event_tables)}"
+        fields = source_fields(event)
+        source = source_table(event)
+        key = {"orders": "order_id", "refunds": "refund_id", "events": "event_id"}[source]
+        where = "s.ts >= :start AND s.ts < :as_of" + (
+            " AND s.type = :type" if source == "events" else ""
+        )
+        columns = ", ".join(f'{f.expr} AS "event.{name}"' for name, f in fields.items())
+        events = conn.execute(
+            f"SELECT s.{key}, s.customer_id, s.ts, {columns} FROM {source} s WHERE {where} "
+            "ORDER BY s.ts, s.rowid",
+            {"start": start, "as_of": as_of, "type": event},
+        ).fetchall()
+        points = build_point_features(
+            self.store,
+            self.settings,
+            [(event_id, customer, ts + 1) for event_id, customer, ts, *_ in events],
+            self.features.rfm,
+            table="event_points",
+        )
+        conn.execute("DROP TABLE IF EXISTS temp.event_values")
+        columns = ", ".join(f'"event.{name}"' for name in fields)
+        conn.execute(
+            f"CREATE TEMP TABLE event_values (event_id TEXT PRIMARY KEY, "
+            f"event_ts INTEGER, {columns}) WITHOUT ROWID"
+        )
+        marks = ", ".join("?" for _ in range(len(fields) + 2))
+        conn.executemany(
+            f"INSERT OR IGNORE INTO temp.event_values VALUES ({marks})",
+            ((event_id, ts, *values) for event_id, _, ts, *values in events),
+        )
+        conn.execute(f'DROP TABLE IF EXISTS temp."{table}"')
+        conn.execute(
+            f'CREATE TEMP TABLE "{table}" AS SELECT f.*, v.* FROM temp."{points.table}" f '
+            "JOIN temp.event_values v ON v.event_id = f.point_key"
+        )
+        conn.execute(f'CREATE INDEX temp."{table}_customer" ON "{table}" (customer_id)')
+        conn.execute(f'DROP TABLE temp."{points.table}"')
+        conn.execute("DROP TABLE temp.event_values")
+        self.event_tables[(event, start)] = table
+        return table
 
 
 def _data_version(store: Store) -> int:
@@ -161,11 +242,13 @@ def simulate(
     captured: dict[str, Any] = {}
     try:
         with store.transaction() as conn:
-            result = _execute(store, conn, settings, playbook, features, engine, since)
-            sql = "SELECT * FROM actions WHERE run_id = ?"
-            args: list[Any] = [result.run_id]
+            # Fresh event facts: the tables built inside this transaction go with it.
+            facts = RunFacts(store, settings, features)
+            result = _execute(store, conn, settings, playbook, facts, engine, since)
+            sql = f"SELECT * FROM temp.{DECISIONS}"
+            args: list[Any] = []
             if customer is not None:
-                sql += " AND customer_id = ?"
+                sql += " WHERE customer_id = ?"
                 args.append(customer)
             cursor = conn.execute(sql + " ORDER BY rule_id, trigger, action_index", args)
             names = [d[0] for d in cursor.description]
@@ -182,11 +265,11 @@ def _execute(
     conn: Any,
     settings: Settings,
     playbook: Playbook,
-    features: FeatureTable,
+    facts: RunFacts,
     engine: str,
     since: int | None,
 ) -> RunResult:
-    as_of = features.as_of
+    as_of = facts.features.as_of
     tz = settings.tz if playbook.timezone is None else get_timezone(playbook.timezone)
     run_id = uuid.uuid4().hex
     cursor = conn.execute(
@@ -208,11 +291,12 @@ def _execute(
         ),
     )
     decider = RunDecider(conn, playbook, run_id, as_of, tz)
-    runner = _Runner(store, settings, playbook, features, engine, decider, tz)
+    runner = _Runner(store, settings, playbook, facts, engine, decider, tz)
     reports = [
         runner.rule(rule, start) for rule in sorted(playbook.rules, key=lambda r: r.priority)
     ]
     runner.render_messages()
+    decider.flush()
     conn.execute(
         "INSERT INTO event_cursor (playbook, until) VALUES (?, ?) ON CONFLICT "
         "(playbook) DO UPDATE SET until = max(until, excluded.until)",
@@ -234,18 +318,20 @@ class _Runner:
         store: Store,
         settings: Settings,
         playbook: Playbook,
-        features: FeatureTable,
+        facts: RunFacts,
         engine: str,
         decider: RunDecider,
         tz: Any,
     ) -> None:
         self.store, self.conn = store, store.conn
-        self.settings, self.playbook, self.features = settings, playbook, features
+        self.settings, self.playbook = settings, playbook
+        self.facts, self.features = facts, facts.features
         self.engine, self.decider, self.tz = engine, decider, tz
         self.catalog = field_catalog(settings)
-        self.event_tables: dict[str, str] = {}
+        self.event_tables: dict[str, str] = {}  # this playbook's: event type -> facts table
         self.tagged: set[str] = set()  # customers whose tags this run changed
         self.state_matches: dict[str, set[str]] | None = None
+        self.rules_by_id = {r.id: r for r in playbook.rules}
 
     def rule(self, rule: Rule, start: int) -> RuleReport:
         kind = "event" if rule.on else "state"
@@ -385,45 +471,8 @@ class _Runner:
         return int(self.conn.execute(f"SELECT count(*) FROM temp.{CANDIDATES}").fetchone()[0])
 
     def _event_facts(self, event: str, start: int) -> str:
-        """A temp table of one row per event in [start, as_of): features as of right after."""
-        if event in self.event_tables:
-            return self.event_tables[event]
-        table = f"{EVENT_FACTS}_{len(self.event_tables)}"
-        fields = source_fields(event)
-        source = source_table(event)
-        key = {"orders": "order_id", "refunds": "refund_id", "events": "event_id"}[source]
-        where = "s.ts >= :start AND s.ts < :as_of" + (
-            " AND s.type = :type" if source == "events" else ""
-        )
-        columns = ", ".join(f'{f.expr} AS "event.{name}"' for name, f in fields.items())
-        events = self.conn.execute(
-            f"SELECT s.{key}, s.customer_id, s.ts, {columns} FROM {source} s WHERE {where} "
-            "ORDER BY s.ts, s.rowid",
-            {"start": start, "as_of": self.features.as_of, "type": event},
-        ).fetchall()
-        points = build_point_features(
-            self.store,
-            self.settings,
-            [(event_id, customer, ts + 1) for event_id, customer, ts, *_ in events],
-            self.features.rfm,
-            table="event_points",
-        )
-        self.conn.execute("DROP TABLE IF EXISTS temp.event_values")
-        columns = ", ".join(f'"event.{name}"' for name in fields)
-        self.conn.execute(
-            f"CREATE TEMP TABLE event_values (event_id TEXT PRIMARY KEY, "
-            f"event_ts INTEGER, {columns}) WITHOUT ROWID"
-        )
-        marks = ", ".join("?" for _ in range(len(fields) + 2))
-        self.conn.executemany(
-            f"INSERT OR IGNORE INTO temp.event_values VALUES ({marks})",
-            ((event_id, ts, *values) for event_id, _, ts, *values in events),
-        )
-        self.conn.execute(f'DROP TABLE IF EXISTS temp."{table}"')
-        self.conn.execute(
-            f'CREATE TEMP TABLE "{table}" AS SELECT f.*, v.* FROM temp."{points.table}" f '
-            "JOIN temp.event_values v ON v.event_id = f.point_key"
-        )
+        """The run's facts table for `event` since `start` (built once per run)."""
+        table = self.facts.events(event, start)
         self.event_tables[event] = table
         return table
 
@@ -454,90 +503,151 @@ class _Runner:
     def _apply_tags(self, rule: Rule) -> None:
         """Queued tag actions change the customer's tags now, so later rules see them."""
         changes = self.conn.execute(
-            "SELECT customer_id, tags_added, tags_removed FROM actions WHERE run_id = ? AND "
-            "rule_id = ? AND type = 'tag' AND status = 'pending'",
-            (self.decider.run_id, rule.id),
+            f"SELECT d.customer_id, d.tags_added, d.tags_removed, c.tags FROM "
+            f"temp.{DECISIONS} d JOIN customers c USING (customer_id) WHERE d.rule_id = ? "
+            "AND d.type = 'tag' AND d.status = 'pending' ORDER BY d.customer_id, d.trigger",
+            (rule.id,),
         ).fetchall()
         if not changes:
             return
-        current = dict(
-            self.conn.execute(
-                "SELECT customer_id, tags FROM customers WHERE customer_id IN "
-                "(SELECT customer_id FROM actions WHERE run_id = ? AND rule_id = ? AND "
-                "type = 'tag' AND status = 'pending')",
-                (self.decider.run_id, rule.id),
-            )
-        )
-        updates = []
-        for customer, added, removed in changes:
-            tags = set(json.loads(current.get(customer) or "[]"))
-            tags |= set((added or "").split(",")) - {""}
-            tags -= set((removed or "").split(","))
-            text = json.dumps(sorted(tags), ensure_ascii=False)
-            current[customer] = text
-            updates.append((text, customer))
-        self.conn.executemany("UPDATE customers SET tags = ? WHERE customer_id = ?", updates)
+        current: dict[str, set[str]] = {}
+        for customer, added, removed, tags in changes:
+            now = current.get(customer)
+            if now is None:
+                now = current[customer] = set(json.loads(tags or "[]"))
+            now |= set((added or "").split(",")) - {""}
+            now -= set((removed or "").split(","))
         self.conn.executemany(
-            f'UPDATE temp."{self.features.table}" SET tags = ? WHERE customer_id = ?', updates
+            "UPDATE customers SET tags = ? WHERE customer_id = ?",
+            ((json.dumps(sorted(t), ensure_ascii=False), c) for c, t in current.items()),
         )
-        self.tagged.update(customer for _, customer in updates)
+        self.conn.execute("DROP TABLE IF EXISTS temp.retagged")
+        self.conn.execute("CREATE TEMP TABLE retagged (customer_id TEXT PRIMARY KEY)")
+        self.conn.executemany("INSERT INTO temp.retagged VALUES (?)", ((c,) for c in current))
+        self.facts.refresh_tags("retagged")
+        self.tagged.update(current)
 
     def render_messages(self) -> None:
-        """Render the templates of the run's queued actions (sandboxed; strict variables)."""
-        pending = self.conn.execute(
-            "SELECT action_id, rule_id, customer_id, trigger, template, coupon, group_name "
-            "FROM actions WHERE run_id = ? AND status = 'pending' AND template IS NOT NULL",
-            (self.decider.run_id,),
-        ).fetchall()
-        if not pending:
-            return
-        rules = {r.id: r for r in self.playbook.rules}
-        facts = dict(self._feature_facts({p[2] for p in pending}))
-        event_rows: dict[str, dict[str, Any]] = {}
-        wanted = {trigger[6:] for *_, trigger, _, _, _ in pending if trigger.startswith("event:")}
-        if wanted:
-            self.conn.execute("DROP TABLE IF EXISTS temp.wanted_events")
-            self.conn.execute("CREATE TEMP TABLE wanted_events (event_id TEXT PRIMARY KEY)")
-            self.conn.executemany(
-                "INSERT INTO temp.wanted_events VALUES (?)", ((e,) for e in wanted)
+        """Render the templates of the run's queued actions (sandboxed; strict variables).
+
+        A message reads the customer's facts as the rule judged them: the run's features
+        for state rules, the features right after the event (and the event) for event
+        rules. Only the customer fields the playbook's templates use are read."""
+        fixed = ["d.action_id", "d.rule_id", "d.template", "d.coupon", "d.group_name"]
+        picked = fixed + [f'f."{c}"' for c in self._template_columns()]
+        pending = (
+            f"FROM temp.{DECISIONS} d {{join}} "
+            "WHERE d.status = 'pending' AND d.template IS NOT NULL"
+        )
+        queries: list[tuple[str, tuple[str, ...], bool]] = [
+            (
+                f"SELECT {', '.join(picked)} "
+                + pending.format(join=f'JOIN temp."{self.features.table}" f USING (customer_id)')
+                + " AND d.trigger NOT LIKE 'event:%'",
+                (),
+                False,
             )
-            for table in self.event_tables.values():
-                for fact in self._rows(table, "JOIN temp.wanted_events w USING (event_id)"):
-                    event_rows[fact["event_id"]] = fact
+        ]
+        for rule in self.playbook.rules:
+            if rule.on is not None and rule.on in self.event_tables:
+                table = self.event_tables[rule.on]
+                values = [f'f."event.{n}"' for n in source_fields(rule.on)]
+                join = (
+                    f'JOIN temp."{table}" f ON f.customer_id = d.customer_id '
+                    "AND 'event:' || f.event_id = d.trigger"
+                )
+                queries.append(
+                    (
+                        f"SELECT {', '.join(picked + values)} "
+                        + pending.format(join=join)
+                        + " AND d.rule_id = ?",
+                        (rule.id,),
+                        True,
+                    )
+                )
         updates = []
-        for action, rule_id, customer, trigger, template, coupon, group in pending:
-            row: dict[str, Any] | None = (
-                event_rows.get(trigger[6:]) if trigger.startswith("event:") else None
-            )
-            customer_row = row or facts.get(customer, {})
-            context: dict[str, Any] = {
-                "customer": {k: v for k, v in customer_row.items() if not k.startswith("event")},
-                "rule": {"id": rule_id, "description": rules[rule_id].description},
-                "playbook": {
-                    "name": self.playbook.name,
-                    "version": self.playbook.version,
-                    "description": self.playbook.description,
-                },
+        for sql, args, is_event in queries:
+            cursor = self.conn.execute(sql, args)
+            names = [d[0] for d in cursor.description][5:]
+            for action, rule_id, template, coupon, group, *values in cursor:
+                updates.append(
+                    (
+                        render(
+                            self.playbook.templates[template],
+                            self._context(rule_id, coupon, group, names, values, is_event),
+                        ),
+                        action,
+                    )
+                )
+        self.conn.executemany(
+            f"UPDATE temp.{DECISIONS} SET message = ? WHERE action_id = ?", updates
+        )
+
+    def _template_columns(self) -> list[str]:
+        """The features columns the playbook's templates read as `customer.*`."""
+        present = [
+            row[1] for row in self.conn.execute(f'PRAGMA temp.table_info("{self.features.table}")')
+        ]
+        wanted: set[str] = set()
+        for text in self.playbook.templates.values():
+            uses = template_variables(text)
+            if isinstance(uses, TemplateProblem):  # cannot happen after validation
+                return present
+            for use in uses:
+                if use.root == "customer":
+                    if use.attr is None:
+                        return present
+                    wanted.add(use.attr)
+        return [c for c in present if c in wanted]
+
+    def _context(
+        self,
+        rule_id: str,
+        coupon: str | None,
+        group: str | None,
+        names: list[str],
+        values: list[Any],
+        is_event: bool,
+    ) -> dict[str, Any]:
+        customer: dict[str, Any] = {}
+        event: dict[str, Any] = {}
+        for name, value in zip(names, values, strict=True):
+            if name.startswith("event."):
+                event[name[6:]] = value
+            elif name == "tags":
+                customer[name] = json.loads(value) if value else []
+            elif name in FLAGS:
+                customer[name] = bool(value)
+            else:
+                customer[name] = value
+        rule = self.rules_by_id[rule_id]
+        context: dict[str, Any] = {
+            "customer": customer,
+            "rule": {"id": rule_id, "description": rule.description},
+            "playbook": {
+                "name": self.playbook.name,
+                "version": self.playbook.version,
+                "description": self.playbook.description,
+            },
+        }
+        if is_event:
+            context["event"] = event
+        if coupon:
+            c = self.playbook.coupons[coupon]
+            context["coupon"] = {
+                "code": c.code,
+                "value": _number(c.value),
+                "min_spend": _number(c.min_spend),
+                "description": c.description,
             }
-            if row is not None:
-                context["event"] = {k[6:]: v for k, v in row.items() if k.startswith("event.")}
-            if coupon:
-                c = self.playbook.coupons[coupon]
-                context["coupon"] = {
-                    "code": c.code,
-                    "value": _number(c.value),
-                    "min_spend": _number(c.min_spend),
-                    "description": c.description,
-                }
-            if group:
-                g = self.playbook.groups[group]
-                context["group"] = {
-                    "name": g.name,
-                    "join_url": g.join_url,
-                    "description": g.description,
-                }
-            updates.append((render(self.playbook.templates[template], context), action))
-        self.conn.executemany("UPDATE actions SET message = ? WHERE action_id = ?", updates)
+        if group:
+            g = self.playbook.groups[group]
+            context["group"] = {
+                "name": g.name,
+                "join_url": g.join_url,
+                "description": g.description,
+            }
+        return context
 
 
 def _number(value: float) -> int | float:

@@ -20,7 +20,7 @@ import sqlite_utils
 from engine.errors import StoreError
 
 DEFAULT_DB = "playbook.db"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 CACHE_KIB = 256 * 1024
 
 # Event types the store understands. Orders and refunds have their own tables (they
@@ -165,6 +165,24 @@ _MIGRATIONS: dict[int, list[str]] = {
             playbook TEXT PRIMARY KEY,
             until INTEGER NOT NULL
         )""",
+    ],
+    # Fewer, narrower queue indexes: every index is written once per decision, and a first
+    # run on a big store decides millions. Runs stage their decisions in a temp table, so
+    # the per-run index is gone; suppressed rows stay out of the pending index.
+    3: [
+        "DROP INDEX IF EXISTS actions_customer_time",
+        "DROP INDEX IF EXISTS actions_status_time",
+        "DROP INDEX IF EXISTS actions_run_rule",
+        "DROP INDEX IF EXISTS actions_rule_customer",
+        # A customer's actions: frequency caps, cooldowns, `explain`.
+        "CREATE INDEX actions_customer ON actions (customer_id, playbook, rule_id, decided_at)",
+        # What is due for export, and what is out awaiting acknowledgement.
+        "CREATE INDEX actions_open ON actions (status, scheduled_at) "
+        "WHERE status = 'pending' OR status = 'exported'",
+        # A customer's orders up to a moment, read from the index alone: features right
+        # after each event (event rules) and outcome windows walk it per customer.
+        "DROP INDEX IF EXISTS orders_customer_ts",
+        "CREATE INDEX orders_customer_ts ON orders (customer_id, ts, amount_cents, category)",
     ],
 }
 

@@ -444,6 +444,74 @@ rules:
     assert store.conn.execute("SELECT tags FROM customers").fetchone()[0] == '["vip"]'
 
 
+def test_event_rules_see_tags_queued_earlier_in_the_run(store: Store, tmp_path: Path) -> None:
+    """Event facts are built once per run and shared; tags queued after they were built
+    (by a later rule of the same playbook, or by an earlier playbook) must still count."""
+    first = playbook(
+        tmp_path,
+        """
+rules:
+  - id: any-order
+    on: order.created
+    priority: 1
+    then:
+      - task: {assign_to: owner, note: look}
+  - id: mark
+    when: total_spend > 100
+    priority: 2
+    then:
+      - tag: {add: [spender]}
+  - id: tagged-order
+    on: order.created
+    when: '"spender" in tags'
+    priority: 3
+    then:
+      - task: {assign_to: owner, note: same playbook}
+""",
+        name="a",
+    )
+    second = playbook(
+        tmp_path,
+        """
+rules:
+  - id: tagged-order
+    on: order.created
+    when: '"spender" in tags and "late" not in tags'
+    priority: 1
+    then:
+      - task: {assign_to: owner, note: next playbook}
+  - id: late
+    when: total_spend > 100
+    priority: 2
+    then:
+      - tag: {add: [late]}
+  - id: late-order
+    on: order.created
+    when: '"late" in tags'
+    priority: 3
+    then:
+      - task: {assign_to: owner, note: after the tag}
+""",
+        name="b",
+    )
+    for engine in ("sql", "rules", "auto"):
+        store.conn.execute("DELETE FROM customers")
+        for table in ("orders", "actions", "rule_state", "event_cursor", "runs"):
+            store.conn.execute(f"DELETE FROM {table}")
+        add_customer(store, "1")
+        add_order(store, "1", T0 - 3600, 200)
+        run(store, first, second, engine=engine)
+        got = sorted((a["playbook"], a["rule_id"]) for a in actions(store))
+        assert got == [
+            ("a", "any-order"),
+            ("a", "mark"),
+            ("a", "tagged-order"),
+            ("b", "late"),
+            ("b", "late-order"),
+            ("b", "tagged-order"),
+        ], engine
+
+
 EVENTS = """
 templates:
   thanks: "感谢第{{ customer.order_count }}次下单，{{ '%.0f'|format(event.amount) }}元"

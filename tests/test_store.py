@@ -86,7 +86,7 @@ def test_a_schema_1_store_is_migrated_forward_keeping_its_data(tmp_path: Path) -
             conn.execute(f"DROP TABLE {table}")
         conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
     with open_store(path) as store:
-        assert store.schema_version() == SCHEMA_VERSION == 2
+        assert store.schema_version() == SCHEMA_VERSION == 3
         assert store.count("customers") == 1
         assert store.count("actions") == 0
     with pytest.raises(StoreError, match="run any writing command"):

@@ -470,6 +470,7 @@ class DurableMatcher:
         rulesets = compile_rulesets(self.name, rules, fields, tz, shard_size)
         self.rulesets = list(rulesets)
         self._hits: list[int] = []
+        self._failures: list[str] = []
         with _LOCK:
             host = _host()
             for index in range(len(rules)):
@@ -481,7 +482,10 @@ class DurableMatcher:
 
     def _recorder(self, index: int) -> Callable[[Any], None]:
         def record(_closure: Any) -> None:
-            self._hits.append(index)
+            try:
+                self._hits.append(index)
+            except BaseException as exc:  # durable would only note it in the state
+                self._failures.append(f"{type(exc).__name__}: {exc}")
 
         return record
 
@@ -507,12 +511,16 @@ class DurableMatcher:
                 hits.clear()
                 for ruleset in self.rulesets:
                     _assert_and_retract(host, ruleset, fact)
+                if self._failures:
+                    failures = "; ".join(self._failures)
+                    self._failures.clear()
+                    raise DurableError(f"an action failed inside durable-rules: {failures}")
                 found.extend((key, ids[index]) for index in sorted(set(hits)))
         return found
 
 
 def _assert_and_retract(host: _Host, ruleset: str, fact: dict[str, Any]) -> None:
-    """Assert ``fact`` (its actions record matches), retract it, surface swallowed errors."""
+    """Assert ``fact`` (its actions record matches), retract it; durable's errors raise."""
     try:
         host.assert_fact(ruleset, fact)
     except _durable.MessageNotHandledException:
@@ -525,8 +533,5 @@ def _assert_and_retract(host: _Host, ruleset: str, fact: dict[str, Any]) -> None
         host.retract_fact(ruleset, fact)
     except Exception as exc:
         raise DurableError(f"durable-rules could not retract a fact: {exc}") from exc
-    state = host.get_state(ruleset)
-    if "exception" in state:
-        message = state.pop("exception")
-        host.update_state(ruleset, state)
-        raise DurableError(f"an action failed inside durable-rules: {message}")
+    # An exception in an action would only be noted in the ruleset's state; the matcher's
+    # actions catch their own (see DurableMatcher._recorder), so no state is read here.
