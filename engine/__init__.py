@@ -10,25 +10,40 @@ package is the library, `engine.cli` the thin `playbook` command on top. Public 
     compute_features(...)                     the same, as a list of dicts
     field_catalog(settings)                   every field a condition may use
     build_report(store, settings, as_of)      AIPL funnel, lifecycle, RFM, health checks
+    load_playbook(path, settings)             a validated playbook
+    run_playbooks(store, settings, playbooks, as_of=...)
+                                              match, decide, queue -> [RunResult]
+    explain_customer(store, settings, playbook, customer, as_of)
+                                              why a customer did or did not get it
+    dry_run(db, settings, playbooks, steps)   what playbooks would have done -> DryRun
 """
 
 from engine.catalog import FieldInfo, field_catalog
+from engine.dryrun import DryRun, dry_run, steps_between
 from engine.errors import InputError, PlaybookError, SettingsError, StoreError, UsageError
+from engine.explain import Explanation
+from engine.explain import explain as explain_customer
 from engine.features import FeatureTable, build_features, compute_features, iter_features
 from engine.ingest import IngestOptions, IngestResult, ingest_file
+from engine.playbook import Playbook, load_playbook
 from engine.report import Report, build_report
+from engine.run import RunResult, run_playbooks
 from engine.settings import CustomFeature, Settings, load_settings
 from engine.store import Store, open_store
 
 __all__ = [
     "CustomFeature",
+    "DryRun",
+    "Explanation",
     "FeatureTable",
     "FieldInfo",
     "IngestOptions",
     "IngestResult",
     "InputError",
+    "Playbook",
     "PlaybookError",
     "Report",
+    "RunResult",
     "Settings",
     "SettingsError",
     "Store",
@@ -37,9 +52,14 @@ __all__ = [
     "build_features",
     "build_report",
     "compute_features",
+    "dry_run",
+    "explain_customer",
     "field_catalog",
     "ingest_file",
     "iter_features",
+    "load_playbook",
     "load_settings",
     "open_store",
+    "run_playbooks",
+    "steps_between",
 ]

@@ -4,6 +4,7 @@ or data, 2 usage, 130 interrupted)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from collections.abc import Callable
@@ -13,8 +14,9 @@ from typing import Any, TypeVar
 import click
 
 from engine.catalog import field_catalog
-from engine.clock import format_epoch, get_timezone, local_day, parse_as_of
+from engine.clock import format_epoch, get_timezone, local_day, parse_as_of, parse_duration
 from engine.compile import compile_playbook
+from engine.dryrun import dry_run, dry_run_text, steps_between
 from engine.errors import PlaybookError
 from engine.explain import explain as explain_customer
 from engine.features import build_features, iter_features
@@ -91,6 +93,30 @@ def store_options(func: F) -> F:
         help="The SQLite fact store.",
     )(func)
     return func
+
+
+def run_options(since_help: str) -> Callable[[F], F]:
+    """Add --engine, --since and --format (table or json) to a command that runs playbooks."""
+
+    def add(func: F) -> F:
+        func = click.option(
+            "--format",
+            "fmt",
+            type=click.Choice(["table", "json"]),
+            default="table",
+            show_default=True,
+        )(func)
+        func = click.option("--since", help=since_help)(func)
+        func = click.option(
+            "--engine",
+            type=click.Choice(ENGINES),
+            default="auto",
+            show_default=True,
+            help="auto: state rules in SQL, event rules in durable-rules.",
+        )(func)
+        return func
+
+    return add
 
 
 def _settings(settings_file: str | None) -> Settings:
@@ -434,19 +460,8 @@ def _load_playbooks(paths: tuple[str, ...], settings: Settings) -> list[Playbook
 @cli.command()
 @click.argument("playbooks", nargs=-1, required=True, type=click.Path())
 @click.option("--as-of", help="Evaluate as of this moment (default now).")
-@click.option(
-    "--engine",
-    type=click.Choice(ENGINES),
-    default="auto",
-    show_default=True,
-    help="auto: state rules in SQL, event rules in durable-rules.",
-)
-@click.option(
-    "--since",
-    help="On a playbook's first run, consume events from here (default: 24 hours before --as-of).",
-)
-@click.option(
-    "--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True
+@run_options(
+    "On a playbook's first run, consume events from here (default: 24 hours before --as-of)."
 )
 @store_options
 def run(
@@ -491,6 +506,108 @@ def run(
             )
         )
         click.echo()
+
+
+@cli.command(name="dry-run")
+@click.argument("playbooks", nargs=-1, required=True, type=click.Path())
+@click.option("--as-of", help="One evaluation at this past moment.")
+@click.option("--from", "start", help="Simulate from this moment ...")
+@click.option("--to", "end", help="... to this one (inclusive) ...")
+@click.option("--every", help="... one step every this long (1d, 7d, ...).")
+@click.option(
+    "--against",
+    "against",
+    multiple=True,
+    type=click.Path(),
+    help="Simulate these (older) playbooks too and compare, rule by rule.",
+)
+@click.option(
+    "--window",
+    default="14d",
+    show_default=True,
+    help="Outcomes: orders within this long after each step.",
+)
+@run_options("Event rules' first step reads events from here (default: 24 hours before it).")
+@click.option(
+    "--html",
+    "html_file",
+    type=click.Path(dir_okay=False),
+    help="Also write a self-contained HTML report with charts to this file.",
+)
+@store_options
+def dry_run_command(
+    playbooks: tuple[str, ...],
+    as_of: str | None,
+    start: str | None,
+    end: str | None,
+    every: str | None,
+    against: tuple[str, ...],
+    window: str,
+    engine: str,
+    since: str | None,
+    fmt: str,
+    html_file: str | None,
+    db: str,
+    settings_file: str | None,
+) -> None:
+    """What playbooks would have done: at one past moment (--as-of) or stepping through
+    history (--from/--to/--every), on a private copy of the store (never written)."""
+    settings = _settings(settings_file)
+    tz = settings.tz
+    stepping = (start, end, every)
+    if as_of is not None and any(v is not None for v in stepping):
+        raise click.UsageError("use either --as-of or --from/--to/--every, not both")
+    if as_of is None and not all(v is not None for v in stepping):
+        if any(v is not None for v in stepping):
+            raise click.UsageError("--from, --to and --every go together")
+        raise click.UsageError("say when: --as-of DATE, or --from DATE --to DATE --every 7d")
+    if as_of is not None:
+        steps = [parse_as_of(as_of, tz)]
+    else:
+        assert start is not None and end is not None and every is not None
+        steps = steps_between(parse_as_of(start, tz), parse_as_of(end, tz), _duration(every))
+    loaded = _load_playbooks(playbooks, settings)
+    old = _load_playbooks(against, settings) if against else None
+    simulations = 2 if old is not None else 1
+    with contextlib.ExitStack() as stack:
+        progress = None
+        if sys.stderr.isatty():  # a bar of steps on a terminal, nothing in a pipe or log
+            bar = stack.enter_context(
+                click.progressbar(
+                    length=len(steps) * simulations,
+                    label="dry-run steps",
+                    file=sys.stderr,
+                    show_pos=True,
+                )
+            )
+            progress = bar.update
+        report = dry_run(
+            db,
+            settings,
+            loaded,
+            steps,
+            engine=engine,
+            since=parse_as_of(since, tz) if since else None,
+            window=_duration(window),
+            against=old,
+            progress=progress,
+        )
+    if html_file is not None:
+        from engine.dryrun_html import write_html
+
+        write_html(report, html_file)
+        click.echo(f"HTML report: {html_file}", err=True)
+    if fmt == "json":
+        click.echo(json.dumps(report.to_dict(), ensure_ascii=False, indent=2))
+    else:
+        click.echo(dry_run_text(report))
+
+
+def _duration(text: str) -> int:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
 
 
 @cli.command()

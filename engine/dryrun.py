@@ -1,0 +1,734 @@
+"""Dry runs and backtests: what playbooks would have done, and did it matter.
+
+Nothing here has a second implementation of matching or policies. The store is opened
+read-only and copied (SQLite's backup API) into a private scratch file; on the copy the
+playbooks *run*, with `engine.run.run_playbooks`, exactly as `playbook run` would — once
+(`--as-of`) or at every step from `--from` to `--to` — and the queue they write there is
+then summarised. The scratch file is deleted afterwards; the real store is never written.
+
+Stepping through time:
+- before the first step, everything the copy records from that moment on is removed
+  (actions decided then or later, runs as of then or later), and a simulated playbook
+  whose live state is newer than the first step starts as if it had never run;
+- at each step the customers' features are as of that step (built incrementally by
+  `engine.features.FeatureStepper`, equal to a full build), event rules read the events
+  since the previous step, and the playbooks' own simulated actions feed the cooldowns,
+  caps, entry episodes and budgets of later steps, as if they had been live;
+- the real history supplies what customers did, including after each step: that is how
+  outcomes are measured (orders within `window` after the step).
+
+Outcomes compare, per rule, the customers it would have acted on at a step with the
+customers the playbook's holdout kept back from the same rule (or, when it has no holdout,
+the matches that caps or an exclusive group suppressed): the share who ordered within the
+window and their revenue, with the difference and a 95% confidence interval.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sqlite3
+import tempfile
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine.clock import DAY, format_epoch
+from engine.decide import REASONS
+from engine.errors import StoreError, UsageError
+from engine.features import FeatureStepper, build_features
+from engine.playbook.model import Playbook
+from engine.run import RunResult, run_playbooks
+from engine.settings import Settings
+from engine.store import Store, open_store
+
+DEFAULT_WINDOW = 14 * DAY
+MAX_STEPS = 1000
+MIN_GROUP = 30  # customers per group below which a comparison is "too few to tell"
+MIN_EVENTS = 5  # buyers and non-buyers per group needed for the normal approximation
+Z95 = 1.959964
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """Targeted customers against a comparison group, for one rule."""
+
+    comparison: str | None  # "holdout", "suppressed by caps or group", or None
+    targeted: int
+    targeted_buyers: int
+    targeted_revenue: float
+    control: int
+    control_buyers: int
+    control_revenue: float
+    rate_difference: float | None  # targeted share who ordered - control share
+    rate_ci: tuple[float, float] | None
+    revenue_difference: float | None  # revenue per targeted customer - per control one
+    revenue_ci: tuple[float, float] | None
+    verdict: str
+    incomplete_window: int  # decisions left out: their window runs past the history
+
+    @property
+    def targeted_rate(self) -> float | None:
+        return self.targeted_buyers / self.targeted if self.targeted else None
+
+    @property
+    def control_rate(self) -> float | None:
+        return self.control_buyers / self.control if self.control else None
+
+
+@dataclass
+class RuleSummary:
+    """What one rule would have done over the whole simulation."""
+
+    playbook: str
+    rule: str
+    kind: str
+    matched: int = 0
+    queued: int = 0
+    suppressed: dict[str, int] = field(default_factory=dict)
+    customers: int = 0  # distinct customers with at least one queued action
+    coupon_cost: float = 0.0  # face value of the coupons queued
+    outcome: Outcome | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.playbook}/{self.rule}"
+
+
+@dataclass(frozen=True)
+class StepSummary:
+    """One step of the simulation: totals and actions queued per rule."""
+
+    as_of: int
+    matched: int
+    queued: int
+    suppressed: int
+    by_rule: dict[str, int]
+
+
+@dataclass
+class Simulation:
+    """One set of playbooks simulated over the steps."""
+
+    playbooks: list[dict[str, Any]]
+    steps: list[StepSummary]
+    rules: list[RuleSummary]
+    suppression: dict[str, int]
+    mix: dict[str, dict[str, int]]  # AIPL stage / lifecycle of targeted customers
+    notes: list[str]
+
+    @property
+    def queued(self) -> int:
+        return sum(s.queued for s in self.steps)
+
+
+@dataclass
+class DryRun:
+    """A dry run (one step) or a backtest (many), with `--against` when asked."""
+
+    steps: list[int]
+    window: int
+    engine: str
+    timezone: str
+    simulation: Simulation
+    against: Simulation | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form with stable keys (documented in docs/dry-run.md)."""
+        return {
+            "steps": [_iso(t, self.timezone) for t in self.steps],
+            "window_days": self.window / DAY,
+            "engine": self.engine,
+            "timezone": self.timezone,
+            "simulation": _simulation_dict(self.simulation, self.timezone),
+            "against": None
+            if self.against is None
+            else _simulation_dict(self.against, self.timezone),
+            "comparison": None if self.against is None else compare(self),
+        }
+
+
+def compare(report: DryRun) -> list[dict[str, Any]]:
+    """Per rule, the new playbooks' figures next to the old ones' (impact, not text)."""
+    assert report.against is not None
+    new = {r.key: r for r in report.simulation.rules}
+    old = {r.key: r for r in report.against.rules}
+    rows = []
+    for key in list(new) + [k for k in old if k not in new]:
+        a, b = new.get(key), old.get(key)
+        row: dict[str, Any] = {"rule": key, "status": _presence(a, b)}
+        for name in ("matched", "queued", "customers", "coupon_cost"):
+            va = getattr(a, name) if a else 0
+            vb = getattr(b, name) if b else 0
+            row[name] = {"new": va, "old": vb, "change": round(va - vb, 2)}
+        sa = sum(a.suppressed.values()) if a else 0
+        sb = sum(b.suppressed.values()) if b else 0
+        row["suppressed"] = {"new": sa, "old": sb, "change": sa - sb}
+        rows.append(row)
+    return rows
+
+
+def _presence(a: RuleSummary | None, b: RuleSummary | None) -> str:
+    if a is None:
+        return "removed"
+    if b is None:
+        return "added"
+    return (
+        "changed"
+        if (a.matched, a.queued, a.suppressed)
+        != (
+            b.matched,
+            b.queued,
+            b.suppressed,
+        )
+        else "same"
+    )
+
+
+def steps_between(start: int, end: int, every: int) -> list[int]:
+    """The moments start, start + every, ... up to and including end."""
+    if every <= 0:
+        raise UsageError("--every must be a positive duration, e.g. 1d or 7d")
+    if end < start:
+        raise UsageError("--to is before --from")
+    count = (end - start) // every + 1
+    if count > MAX_STEPS:
+        raise UsageError(f"{count} steps is too many (at most {MAX_STEPS}): use a longer --every")
+    return [start + k * every for k in range(count)]
+
+
+def dry_run(
+    db: str | os.PathLike[str],
+    settings: Settings,
+    playbooks: Sequence[Playbook],
+    steps: Sequence[int],
+    *,
+    engine: str = "auto",
+    since: int | None = None,
+    window: int = DEFAULT_WINDOW,
+    against: Sequence[Playbook] | None = None,
+    progress: Callable[[int], None] | None = None,
+    incremental: bool = True,
+    inspect: Callable[[Store, Simulation], None] | None = None,
+) -> DryRun:
+    """Simulate `playbooks` at each of `steps` on a private copy of the store at `db`.
+
+    With `against`, the same simulation runs for those playbooks too (on a fresh copy).
+    `progress` is called with 1 after each step of each simulation. `incremental=False`
+    builds every step's features from scratch (the benchmark's naive baseline; the
+    results are the same). `inspect`, if given, is called with the scratch store (its
+    queue holds the simulated actions) and the simulation, before the copy is deleted."""
+    if not steps or list(steps) != sorted(set(steps)):
+        raise UsageError("steps must be distinct moments in increasing order")
+    if window <= 0:
+        raise UsageError("--window must be a positive duration, e.g. 14d")
+    runs = [playbooks] + ([against] if against is not None else [])
+    simulations = []
+    for books in runs:
+        with scratch_copy(db) as store:
+            simulation = _simulate(
+                store, settings, books, steps, engine, since, window, progress, incremental
+            )
+            if inspect is not None:
+                inspect(store, simulation)
+            simulations.append(simulation)
+    return DryRun(
+        steps=list(steps),
+        window=window,
+        engine=engine,
+        timezone=settings.timezone,
+        simulation=simulations[0],
+        against=simulations[1] if against is not None else None,
+    )
+
+
+@contextmanager
+def scratch_copy(db: str | os.PathLike[str]) -> Iterator[Store]:
+    """A private, writable copy of the store at `db` (opened read-only), deleted after."""
+    path = Path(db)
+    if not path.exists():
+        raise StoreError(
+            f"{path}: no such store (create one with `playbook ingest` or `playbook demo`)"
+        )
+    with tempfile.TemporaryDirectory(prefix="playbook-dryrun-") as folder:
+        copy = Path(folder) / "scratch.db"
+        try:
+            source = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+            try:
+                target = sqlite3.connect(copy)
+                try:
+                    source.backup(target)
+                finally:
+                    target.close()
+            finally:
+                source.close()
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"{path}: not a playbook store ({exc})") from exc
+        try:
+            store = open_store(copy)
+        except StoreError as exc:
+            raise StoreError(str(exc).replace(str(copy), str(path))) from None
+        try:
+            yield store
+        finally:
+            store.close()
+
+
+def _simulate(
+    store: Store,
+    settings: Settings,
+    playbooks: Sequence[Playbook],
+    steps: Sequence[int],
+    engine: str,
+    since: int | None,
+    window: int,
+    progress: Callable[[int], None] | None,
+    incremental: bool = True,
+) -> Simulation:
+    notes = _forget_the_future(store, playbooks, steps[0], settings)
+    conn = store.conn
+    conn.execute("DROP TABLE IF EXISTS temp.sim_runs")
+    conn.execute("CREATE TEMP TABLE sim_runs (run_id TEXT PRIMARY KEY, as_of INTEGER)")
+    conn.execute("DROP TABLE IF EXISTS temp.sim_mix")
+    conn.execute("CREATE TEMP TABLE sim_mix (kind TEXT, value TEXT, n INTEGER)")
+    stepper = FeatureStepper(store, settings)
+    rules: dict[str, RuleSummary] = {}
+    for playbook in playbooks:
+        for rule in sorted(playbook.rules, key=lambda r: r.priority):
+            summary = RuleSummary(playbook.name, rule.id, "event" if rule.on else "state")
+            rules[summary.key] = summary
+    step_summaries = []
+    try:
+        for moment in steps:
+            if incremental:
+                features = stepper.advance(moment)
+            else:
+                features = build_features(store, settings, moment)
+            results = run_playbooks(
+                store,
+                settings,
+                playbooks,
+                as_of=moment,
+                engine=engine,
+                since=since,
+                features=features,
+            )
+            step_summaries.append(_step(store, results, rules, features.table))
+            if progress is not None:
+                progress(1)
+    finally:
+        stepper.close()
+    _rule_totals(store, playbooks, rules)
+    _outcomes(store, rules, window)
+    suppression: Counter[str] = Counter()
+    for summary in rules.values():
+        suppression.update(summary.suppressed)
+    mix: dict[str, dict[str, int]] = {"aipl": {}, "lifecycle": {}}
+    for kind, value, n in conn.execute(
+        "SELECT kind, coalesce(value, 'none'), sum(n) FROM temp.sim_mix GROUP BY 1, 2 ORDER BY 1, 2"
+    ):
+        mix[kind][value] = n
+    return Simulation(
+        playbooks=[
+            {"name": p.name, "version": p.version, "hash": p.content_hash} for p in playbooks
+        ],
+        steps=step_summaries,
+        rules=list(rules.values()),
+        suppression={r: suppression[r] for r in REASONS if suppression.get(r)},
+        mix=mix,
+        notes=notes,
+    )
+
+
+def _forget_the_future(
+    store: Store, playbooks: Sequence[Playbook], start: int, settings: Settings
+) -> list[str]:
+    """Remove from the copy what was recorded at or after `start` (see the docstring)."""
+    notes = []
+    with store.transaction() as conn:
+        undone = _undo_tags(conn, start)
+        if undone:
+            notes.append(
+                f"tags changed by {undone} tag actions decided at or after the first step "
+                "were undone"
+            )
+        gone = conn.execute("DELETE FROM actions WHERE decided_at >= ?", (start,)).rowcount
+        conn.execute("DELETE FROM runs WHERE as_of >= ?", (start,))
+        if gone:
+            notes.append(
+                f"{gone} queued actions decided at or after the first step were set aside "
+                "(the simulation cannot know them yet)"
+            )
+        for playbook in playbooks:
+            newer = conn.execute(
+                "SELECT EXISTS (SELECT 1 FROM rule_state WHERE playbook = ? AND "
+                "changed_at > ?) OR EXISTS (SELECT 1 FROM event_cursor WHERE playbook = ? "
+                "AND until > ?)",
+                (playbook.name, start, playbook.name, start),
+            ).fetchone()[0]
+            if newer:
+                conn.execute("DELETE FROM rule_state WHERE playbook = ?", (playbook.name,))
+                conn.execute("DELETE FROM event_cursor WHERE playbook = ?", (playbook.name,))
+                notes.append(
+                    f"playbook {playbook.name} has live state newer than "
+                    f"{format_epoch(start, settings.tz)}: simulated as if switched on then"
+                )
+    return notes
+
+
+def _undo_tags(conn: sqlite3.Connection, start: int) -> int:
+    """Reverse, newest first, the tag changes of queued tag actions decided from `start`."""
+    changes = conn.execute(
+        "SELECT a.customer_id, a.tags_added, a.tags_removed, c.tags FROM actions a JOIN "
+        "customers c USING (customer_id) WHERE a.type = 'tag' AND a.status != 'suppressed' "
+        "AND a.decided_at >= ? ORDER BY a.decided_at DESC, a.rowid DESC",
+        (start,),
+    ).fetchall()
+    tags: dict[str, set[str]] = {}
+    for customer, added, removed, current in changes:
+        now = tags.setdefault(customer, set(json.loads(current or "[]")))
+        now -= set((added or "").split(","))
+        now |= set((removed or "").split(",")) - {""}
+    conn.executemany(
+        "UPDATE customers SET tags = ? WHERE customer_id = ?",
+        ((json.dumps(sorted(t), ensure_ascii=False), c) for c, t in tags.items()),
+    )
+    return len(changes)
+
+
+def _step(
+    store: Store, results: list[RunResult], rules: dict[str, RuleSummary], features: str
+) -> StepSummary:
+    conn = store.conn
+    by_rule: dict[str, int] = {}
+    matched = queued = suppressed = 0
+    for result in results:
+        conn.execute("INSERT INTO temp.sim_runs VALUES (?, ?)", (result.run_id, result.as_of))
+        for report in result.rules:
+            summary = rules[f"{result.playbook}/{report.rule_id}"]
+            summary.matched += report.matched
+            summary.queued += report.queued
+            for reason, n in report.suppressed.items():
+                summary.suppressed[reason] = summary.suppressed.get(reason, 0) + n
+            if report.queued:
+                by_rule[summary.key] = report.queued
+        matched += sum(r.matched for r in result.rules)
+        queued += result.queued
+        suppressed += result.suppressed
+    run_ids = [r.run_id for r in results]
+    marks = ", ".join("?" for _ in run_ids)
+    for kind, column in (("aipl", "aipl_stage"), ("lifecycle", "lifecycle")):
+        conn.execute(
+            f"INSERT INTO temp.sim_mix SELECT ?, f.{column}, count(*) FROM "
+            f'temp."{features}" f WHERE f.customer_id IN (SELECT customer_id FROM actions '
+            f"WHERE run_id IN ({marks}) AND status != 'suppressed') GROUP BY 2",
+            (kind, *run_ids),
+        )
+    as_of = results[0].as_of if results else 0
+    return StepSummary(as_of, matched, queued, suppressed, by_rule)
+
+
+def _rule_totals(
+    store: Store, playbooks: Sequence[Playbook], rules: dict[str, RuleSummary]
+) -> None:
+    values = {(p.name, code): c.value for p in playbooks for code, c in p.coupons.items()}
+    conn = store.conn
+    for playbook, rule, customers in conn.execute(
+        "SELECT playbook, rule_id, count(DISTINCT customer_id) FROM actions WHERE run_id IN "
+        "(SELECT run_id FROM temp.sim_runs) AND status != 'suppressed' GROUP BY 1, 2"
+    ):
+        rules[f"{playbook}/{rule}"].customers = customers
+    for playbook, rule, coupon, n in conn.execute(
+        "SELECT playbook, rule_id, coupon, count(*) FROM actions WHERE run_id IN "
+        "(SELECT run_id FROM temp.sim_runs) AND status != 'suppressed' AND coupon IS NOT NULL "
+        "GROUP BY 1, 2, 3"
+    ):
+        rules[f"{playbook}/{rule}"].coupon_cost += round(n * values.get((playbook, coupon), 0), 2)
+
+
+# One row per decision (a rule, a customer, a trigger, at a step): whether any of its
+# actions went out, whether the holdout kept it back, whether caps or a group stopped it;
+# and what the customer ordered within the window after the step.
+_DECISIONS_SQL = """
+WITH d AS (
+  SELECT a.playbook, a.rule_id, a.customer_id, s.as_of,
+         max(a.status != 'suppressed') AS acted,
+         max(a.reason = 'holdout') AS held,
+         max(a.reason IN ('cap', 'group')) AS blocked
+  FROM actions a JOIN temp.sim_runs s USING (run_id)
+  GROUP BY a.playbook, a.rule_id, a.customer_id, a.trigger, s.as_of
+)
+SELECT d.playbook, d.rule_id, d.acted, d.held, d.blocked, d.as_of + :window > :end,
+       (SELECT count(*) FROM orders o WHERE o.customer_id = d.customer_id
+          AND o.ts >= d.as_of AND o.ts < d.as_of + :window),
+       (SELECT coalesce(sum(o.amount_cents), 0) FROM orders o
+          WHERE o.customer_id = d.customer_id AND o.ts >= d.as_of
+            AND o.ts < d.as_of + :window)
+         - (SELECT coalesce(sum(f.amount_cents), 0) FROM refunds f
+          WHERE f.customer_id = d.customer_id AND f.ts >= d.as_of
+            AND f.ts < d.as_of + :window)
+FROM d
+"""
+
+
+@dataclass
+class _Group:
+    n: int = 0
+    buyers: int = 0
+    revenue: float = 0.0
+    squares: float = 0.0
+
+    def add(self, bought: bool, revenue: float) -> None:
+        self.n += 1
+        self.buyers += bought
+        self.revenue += revenue
+        self.squares += revenue * revenue
+
+
+def _outcomes(store: Store, rules: dict[str, RuleSummary], window: int) -> None:
+    conn = store.conn
+    end = conn.execute(
+        "SELECT max(coalesce((SELECT max(ts) FROM orders), 0), "
+        "coalesce((SELECT max(ts) FROM events), 0))"
+    ).fetchone()[0]
+    groups: dict[str, dict[str, _Group]] = defaultdict(
+        lambda: {"targeted": _Group(), "holdout": _Group(), "blocked": _Group()}
+    )
+    incomplete: Counter[str] = Counter()
+    for playbook, rule, acted, held, blocked, cut, orders, cents in conn.execute(
+        _DECISIONS_SQL, {"window": window, "end": end}
+    ):
+        key = f"{playbook}/{rule}"
+        if cut:
+            incomplete[key] += 1
+            continue
+        group = "targeted" if acted else "holdout" if held else "blocked" if blocked else None
+        if group is not None:
+            groups[key][group].add(orders > 0, cents / 100)
+    for key, summary in rules.items():
+        g = groups[key]
+        summary.outcome = _compare(g["targeted"], g["holdout"], g["blocked"], incomplete[key])
+
+
+def _compare(targeted: _Group, holdout: _Group, blocked: _Group, incomplete: int) -> Outcome:
+    if holdout.n:
+        comparison: str | None = "holdout"
+        control = holdout
+    elif blocked.n:
+        comparison, control = "suppressed by caps or group", blocked
+    else:
+        comparison, control = None, _Group()
+    rate = rate_ci = revenue = revenue_ci = None
+    if comparison is None:
+        verdict = "nothing to compare with: no holdout, and caps or groups stopped no match"
+    elif targeted.n == 0:
+        verdict = "nothing to compare: the rule would have acted on no one"
+    else:
+        p1, p2 = targeted.buyers / targeted.n, control.buyers / control.n
+        rate = p1 - p2
+        se = math.sqrt(p1 * (1 - p1) / targeted.n + p2 * (1 - p2) / control.n)
+        rate_ci = (rate - Z95 * se, rate + Z95 * se)
+        m1, m2 = targeted.revenue / targeted.n, control.revenue / control.n
+        revenue = m1 - m2
+        rse = math.sqrt(_variance(targeted) / targeted.n + _variance(control) / control.n)
+        revenue_ci = (revenue - Z95 * rse, revenue + Z95 * rse)
+        verdict = _verdict(targeted, control, rate, rate_ci, comparison)
+    return Outcome(
+        comparison=comparison,
+        targeted=targeted.n,
+        targeted_buyers=targeted.buyers,
+        targeted_revenue=round(targeted.revenue, 2),
+        control=control.n,
+        control_buyers=control.buyers,
+        control_revenue=round(control.revenue, 2),
+        rate_difference=rate,
+        rate_ci=rate_ci,
+        revenue_difference=revenue,
+        revenue_ci=revenue_ci,
+        verdict=verdict,
+        incomplete_window=incomplete,
+    )
+
+
+def _variance(group: _Group) -> float:
+    if group.n < 2:
+        return 0.0
+    mean = group.revenue / group.n
+    return max(group.squares / group.n - mean * mean, 0.0) * group.n / (group.n - 1)
+
+
+def _verdict(
+    targeted: _Group,
+    control: _Group,
+    rate: float,
+    ci: tuple[float, float],
+    comparison: str,
+) -> str:
+    small = [
+        name
+        for name, g in (("targeted", targeted), (comparison, control))
+        if g.n < MIN_GROUP or g.buyers < MIN_EVENTS or g.n - g.buyers < MIN_EVENTS
+    ]
+    if small:
+        return (
+            f"too few customers to tell ({targeted.n} targeted, {control.n} {comparison}; "
+            f"need {MIN_GROUP}+ each with {MIN_EVENTS}+ buyers and non-buyers)"
+        )
+    low, high = (100 * x for x in ci)
+    interval = f"95% CI {low:+.1f} to {high:+.1f}"
+    if low > 0:
+        return f"targeted customers ordered more: {100 * rate:+.1f} pts ({interval})"
+    if high < 0:
+        return f"targeted customers ordered less: {100 * rate:+.1f} pts ({interval})"
+    return (
+        f"no clear difference: {100 * rate:+.1f} pts, 95% CI {low:+.1f} to {high:+.1f} includes 0"
+    )
+
+
+def _iso(moment: int, timezone: str) -> str:
+    from engine.clock import get_timezone
+
+    return format_epoch(moment, get_timezone(timezone)) or ""
+
+
+def _simulation_dict(sim: Simulation, timezone: str) -> dict[str, Any]:
+    return {
+        "playbooks": sim.playbooks,
+        "queued": sim.queued,
+        "steps": [
+            {
+                "as_of": _iso(s.as_of, timezone),
+                "matched": s.matched,
+                "queued": s.queued,
+                "suppressed": s.suppressed,
+                "queued_by_rule": s.by_rule,
+            }
+            for s in sim.steps
+        ],
+        "rules": [
+            {
+                "rule": r.key,
+                "playbook": r.playbook,
+                "id": r.rule,
+                "kind": r.kind,
+                "matched": r.matched,
+                "queued": r.queued,
+                "suppressed": r.suppressed,
+                "customers": r.customers,
+                "coupon_cost": r.coupon_cost,
+                "outcome": None if r.outcome is None else _outcome_dict(r.outcome),
+            }
+            for r in sim.rules
+        ],
+        "suppression": sim.suppression,
+        "mix": sim.mix,
+        "notes": sim.notes,
+    }
+
+
+def _outcome_dict(outcome: Outcome) -> dict[str, Any]:
+    data = asdict(outcome)
+    data["targeted_rate"] = outcome.targeted_rate
+    data["control_rate"] = outcome.control_rate
+    for key in ("rate_ci", "revenue_ci"):
+        if data[key] is not None:
+            data[key] = list(data[key])
+    return data
+
+
+def dry_run_text(report: DryRun) -> str:
+    """The table view: per rule, per step, outcomes; side by side with --against."""
+    from engine.render import table
+
+    tz = report.timezone
+    sim = report.simulation
+    first, last = _iso(report.steps[0], tz), _iso(report.steps[-1], tz)
+    span = first if len(report.steps) == 1 else f"{first} to {last}, {len(report.steps)} steps"
+    names = ", ".join(f"{p['name']} v{p['version']}" for p in sim.playbooks)
+    out = [f"dry run of {names} ({span}); nothing was written to the store", ""]
+    out += [f"note: {n}" for n in sim.notes]
+    out.append(
+        table(
+            ["rule", "kind", "matched", "would send", "suppressed", "customers", "coupon cost"],
+            (
+                [
+                    r.key,
+                    r.kind,
+                    r.matched,
+                    r.queued,
+                    ", ".join(f"{k} {v}" for k, v in r.suppressed.items()) or "-",
+                    r.customers,
+                    f"{r.coupon_cost:,.2f}",
+                ]
+                for r in sim.rules
+            ),
+        )
+    )
+    if len(sim.steps) > 1:
+        out += [
+            "",
+            table(
+                ["step", "matched", "would send", "suppressed"],
+                ([_iso(s.as_of, tz), s.matched, s.queued, s.suppressed] for s in sim.steps),
+            ),
+        ]
+    out += ["", f"outcomes: orders within {report.window / DAY:g} days after each step", ""]
+    out.append(
+        table(
+            ["rule", "targeted", "ordered", "compared with", "n", "ordered", "verdict"],
+            (
+                [
+                    r.key,
+                    o.targeted,
+                    _share(o.targeted_rate),
+                    o.comparison or "-",
+                    o.control,
+                    _share(o.control_rate),
+                    o.verdict
+                    + (f" ({o.incomplete_window} too recent)" if o.incomplete_window else ""),
+                ]
+                for r in sim.rules
+                if (o := r.outcome) is not None
+            ),
+        )
+    )
+    if report.against is not None:
+        old = ", ".join(f"{p['name']} v{p['version']}" for p in report.against.playbooks)
+        out += ["", f"against {old} (new - old):", ""]
+        rows = compare(report)
+        out.append(
+            table(
+                ["rule", "", "matched", "would send", "suppressed", "customers", "coupon cost"],
+                (comparison_row(row) for row in rows),
+            )
+        )
+    return "\n".join(out)
+
+
+def _share(rate: float | None) -> str:
+    return "-" if rate is None else f"{100 * rate:.1f}%"
+
+
+def _change(values: dict[str, Any], money: bool = False) -> str:
+    new, change = values["new"], values["change"]
+    text = f"{new:,.2f}" if money else f"{new:,}"
+    if change:
+        text += f" ({change:+,.2f})" if money else f" ({change:+,})"
+    return text
+
+
+def comparison_row(row: dict[str, Any]) -> list[str]:
+    """One row of `compare` as text: each figure new, with the change when there is one."""
+    return [
+        row["rule"],
+        row["status"],
+        _change(row["matched"]),
+        _change(row["queued"]),
+        _change(row["suppressed"]),
+        _change(row["customers"]),
+        _change(row["coupon_cost"], money=True),
+    ]

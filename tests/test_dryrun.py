@@ -1,0 +1,447 @@
+"""Dry runs and backtests: read-only, equal to real runs, state carried across steps,
+no leakage from the future, outcomes against the holdout, --against."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from engine.cli import cli
+from engine.clock import DAY
+from engine.decide import bucket
+from engine.demo import generate_demo
+from engine.dryrun import DryRun, Simulation, dry_run, steps_between
+from engine.playbook import Playbook, load_playbook
+from engine.run import run_playbooks
+from engine.settings import Settings
+from engine.store import Store, open_store
+from tests.conftest import SHANGHAI
+from tests.test_run import T0, add_customer, add_order, playbook
+
+SETTINGS = Settings()
+PLAYBOOKS = sorted(Path("playbooks").glob("*.yaml"))
+# Demo data ends here; every step below leaves a full 14-day outcome window after it.
+DEMO_END = T0
+COMPARED = ("customer_id", "rule_id", "trigger", "action_index", "status", "reason")
+
+
+def digest(folder: Path) -> dict[str, str]:
+    """Every file in `folder` with the hash of its bytes."""
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("dryrun")
+    path = folder / "demo.db"
+    with open_store(path) as store:
+        generate_demo(store, customers=800, seed=4, end=DEMO_END, tz=SHANGHAI)
+    return path
+
+
+def books() -> list[Playbook]:
+    return [load_playbook(p, SETTINGS) for p in PLAYBOOKS]
+
+
+def queue_rows(store: Store, where: str = "", args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    columns = ", ".join(("playbook", *COMPARED, "message", "scheduled_at"))
+    return store.conn.execute(
+        f"SELECT {columns} FROM actions {where} ORDER BY {columns}", args
+    ).fetchall()
+
+
+def test_the_store_is_never_written(demo: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    shutil.copy(demo, folder / "s.db")
+    before = digest(folder)
+    result = CliRunner().invoke(
+        cli,
+        [
+            "dry-run",
+            "playbooks",
+            "--db",
+            str(folder / "s.db"),
+            "--from",
+            "2024-04-01",
+            "--to",
+            "2024-05-01",
+            "--every",
+            "7d",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "nothing was written to the store" in result.output
+    after = digest(folder)
+    assert after["s.db"] == before["s.db"]  # the store file, byte for byte
+    # Reading a WAL-mode database (even read-only) makes SQLite create its shared-memory
+    # index; a write-ahead log, if one appears, stays empty: nothing was written.
+    assert set(after) <= {"s.db", "s.db-wal", "s.db-shm"}
+    if "s.db-wal" in after:
+        assert (folder / "s.db-wal").stat().st_size == 0
+
+
+def test_a_dry_run_equals_a_real_run_on_a_copy(demo: Path, tmp_path: Path) -> None:
+    moment = DEMO_END - 30 * DAY
+    seen: dict[str, Any] = {}
+
+    def keep(store: Store, sim: Simulation) -> None:
+        seen["rows"] = queue_rows(store)
+
+    report = dry_run(demo, SETTINGS, books(), [moment], inspect=keep)
+    shutil.copy(demo, tmp_path / "copy.db")
+    with open_store(tmp_path / "copy.db") as store:
+        results = run_playbooks(store, SETTINGS, books(), as_of=moment)
+        assert seen["rows"] == queue_rows(store)
+    assert report.simulation.queued == sum(r.queued for r in results) > 0
+    real = {
+        (r.playbook, x.rule_id): (x.matched, x.queued, x.suppressed)
+        for r in results
+        for x in r.rules
+    }
+    simulated = {
+        (r.playbook, r.rule): (r.matched, r.queued, r.suppressed) for r in report.simulation.rules
+    }
+    assert simulated == real
+
+
+def test_steps_equal_live_runs_step_by_step(demo: Path, tmp_path: Path) -> None:
+    """The simulation is what running the playbooks live at every step would have done."""
+    steps = steps_between(DEMO_END - 60 * DAY, DEMO_END - 15 * DAY, 7 * DAY)
+    seen: dict[str, Any] = {}
+    dry_run(demo, SETTINGS, books(), steps, inspect=lambda s, _: seen.update(rows=queue_rows(s)))
+    shutil.copy(demo, tmp_path / "live.db")
+    with open_store(tmp_path / "live.db") as store:
+        for moment in steps:
+            run_playbooks(store, SETTINGS, books(), as_of=moment)
+        assert seen["rows"] == queue_rows(store)
+
+
+def test_state_carries_across_steps(store: Store, tmp_path: Path) -> None:
+    """Cooldowns, caps and entry episodes of later steps see earlier simulated actions."""
+    book = playbook(
+        tmp_path,
+        """
+templates:
+  hi: "hi {{ customer.name }}"
+caps:
+  - {max: 1, window: calendar_month}
+rules:
+  - id: every-order
+    on: order.created
+    cooldown: 20d
+    then:
+      - send: {channel: wecom, template: hi}
+  - id: spender
+    when: total_spend > 100
+    then:
+      - task: {assign_to: owner, note: call}
+""",
+    )
+    add_customer(store, "1")
+    for week in range(8):  # an order every week; steps are weekly too
+        add_order(store, "1", T0 - 60 * DAY + week * 7 * DAY + 3600, 80)
+    store.close()
+    steps = steps_between(T0 - 60 * DAY + DAY, T0, 7 * DAY)
+    seen: dict[str, Any] = {}
+    report = dry_run(
+        store.path,
+        SETTINGS,
+        [book],
+        steps,
+        inspect=lambda s, _: seen.update(
+            rows=s.conn.execute(
+                "SELECT r.as_of, a.rule_id, a.status, a.reason FROM actions a JOIN runs r "
+                "USING (run_id) ORDER BY r.as_of, a.rule_id"
+            ).fetchall()
+        ),
+    )
+    rows = seen["rows"]
+    sends = [(t, status, reason) for t, rule, status, reason in rows if rule == "every-order"]
+    assert len(steps) == 9 and len(sends) == 8  # each order once, in the step after it
+    outcomes = [(status, reason) for _, status, reason in sends]
+    # First fires; the next two fall in the 20-day cooldown; then the monthly cap or
+    # the cooldown stops every later one in the same month.
+    assert outcomes[0] == ("pending", None)
+    assert outcomes[1:3] == [("suppressed", "cooldown")] * 2
+    pending = [t for t, status, _ in sends if status == "pending"]
+    for a, b in itertools.pairwise(pending):
+        assert b - a >= 20 * DAY
+    assert any(reason == "cap" for _, _, reason in sends)
+    spender = [(t, status) for t, rule, status, _ in rows if rule == "spender"]
+    assert len(spender) == 1  # entered once (when spend passed 100), never again
+    rule = {r.rule: r for r in report.simulation.rules}["every-order"]
+    assert rule.queued == len(pending) and rule.suppressed.get("cooldown", 0) >= 2
+
+
+_late = st.tuples(
+    st.integers(min_value=0, max_value=40),  # customer
+    st.integers(min_value=0, max_value=30 * DAY),  # seconds after the cut
+    st.integers(min_value=1, max_value=900_00),  # cents
+    st.sampled_from(["order", "group.joined", "friend.deleted", "refund"]),
+)
+
+
+@settings(
+    max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(late=st.lists(_late, min_size=1, max_size=15), cut=st.integers(0, 3))
+def test_no_leakage_from_after_a_step(
+    demo: Path, tmp_path_factory: pytest.TempPathFactory, late: list[Any], cut: int
+) -> None:
+    """Facts dated after step k never change what steps 1..k decided."""
+    steps = steps_between(DEMO_END - 40 * DAY, DEMO_END - 12 * DAY, 7 * DAY)
+    moment = steps[cut]
+    folder = tmp_path_factory.mktemp("leak")
+    shutil.copy(demo, folder / "s.db")
+
+    def decided(path: Path) -> list[tuple[Any, ...]]:
+        seen: dict[str, Any] = {}
+        dry_run(
+            path,
+            SETTINGS,
+            books(),
+            steps,
+            inspect=lambda s, _: seen.update(
+                rows=queue_rows(s, "WHERE decided_at <= ?", (moment,))
+            ),
+        )
+        return list(seen["rows"])
+
+    before = decided(folder / "s.db")
+    with open_store(folder / "s.db") as store, store.transaction() as conn:
+        ids = [r[0] for r in conn.execute("SELECT customer_id FROM customers ORDER BY 1")]
+        for i, (who, delta, cents, kind) in enumerate(late):
+            customer, ts = ids[who % len(ids)], moment + delta
+            if kind == "order":
+                conn.execute(
+                    "INSERT INTO orders VALUES (?, ?, ?, ?, 'skincare', 's1', NULL)",
+                    (f"late{i}", customer, ts, cents),
+                )
+            elif kind == "refund":
+                conn.execute(
+                    "INSERT INTO refunds VALUES (?, NULL, ?, ?, ?, NULL)",
+                    (f"late{i}", customer, ts, cents),
+                )
+            else:
+                conn.execute(
+                    "INSERT INTO events VALUES (?, ?, ?, ?, NULL)",
+                    (f"late{i}", customer, kind, ts),
+                )
+    assert decided(folder / "s.db") == before
+
+
+def test_against_identical_playbooks_shows_no_difference(demo: Path) -> None:
+    steps = steps_between(DEMO_END - 50 * DAY, DEMO_END - 15 * DAY, 7 * DAY)
+    report = dry_run(demo, SETTINGS, books(), steps, against=books())
+    data = report.to_dict()
+    assert data["comparison"]
+    assert {row["status"] for row in data["comparison"]} == {"same"}
+    for row in data["comparison"]:
+        for name in ("matched", "queued", "customers", "coupon_cost", "suppressed"):
+            assert row[name]["change"] == 0
+    assert data["simulation"] == data["against"]
+
+
+def test_against_an_edited_playbook_shows_the_impact(demo: Path, tmp_path: Path) -> None:
+    text = Path("playbooks/lifecycle.yaml").read_text("utf-8")
+    assert "total_spend > 500" in text
+    edited = tmp_path / "lifecycle.yaml"
+    edited.write_text(text.replace("total_spend > 500", "total_spend > 5000"), "utf-8")
+    steps = steps_between(DEMO_END - 50 * DAY, DEMO_END - 15 * DAY, 7 * DAY)
+    report = dry_run(
+        demo,
+        SETTINGS,
+        [load_playbook(edited, SETTINGS)],
+        steps,
+        against=[load_playbook("playbooks/lifecycle.yaml", SETTINGS)],
+    )
+    rows = {row["rule"]: row for row in report.to_dict()["comparison"]}
+    changed = rows["lifecycle/sleeping-big-promo"]
+    assert changed["status"] == "changed"
+    assert changed["matched"]["change"] < 0 and changed["coupon_cost"]["change"] < 0
+
+
+OUTCOME_BOOK = """
+holdout: 30%
+templates:
+  hi: "hi"
+rules:
+  - id: buyers
+    when: order_count >= 1
+    then:
+      - send: {channel: wecom, template: hi}
+"""
+
+
+def test_outcomes_on_a_hand_built_history(store: Store, tmp_path: Path) -> None:
+    book = playbook(tmp_path, OUTCOME_BOOK, name="o")
+    moment = T0 - 30 * DAY
+    customers = [f"c{i:03d}" for i in range(400)]
+    held = {c for c in customers if bucket("o", c) < 0.3}
+    bought = {c for i, c in enumerate(customers) if i % 3 == 0 or (c in held and i % 2 == 0)}
+    for i, c in enumerate(customers):
+        add_customer(store, c)
+        add_order(store, c, moment - 10 * DAY, 50)
+        if c in bought:  # 5 days after the step: inside the 14-day window
+            add_order(store, c, moment + 5 * DAY, 10 + i % 7)
+        if i % 4 == 0:  # 20 days after: outside it
+            add_order(store, c, moment + 20 * DAY, 999)
+    store.close()
+    report = dry_run(store.path, SETTINGS, [book], [moment])
+    outcome = report.simulation.rules[0].outcome
+    assert outcome is not None
+    targeted = [c for c in customers if c not in held]
+    control = sorted(held)
+    revenue = {c: (10 + customers.index(c) % 7) if c in bought else 0 for c in customers}
+    assert outcome.comparison == "holdout"
+    assert (outcome.targeted, outcome.control) == (len(targeted), len(control))
+    assert outcome.targeted_buyers == len(bought - held)
+    assert outcome.control_buyers == len(bought & held)
+    assert outcome.targeted_revenue == sum(revenue[c] for c in targeted)
+    assert outcome.control_revenue == sum(revenue[c] for c in control)
+    p1, p2 = len(bought - held) / len(targeted), len(bought & held) / len(control)
+    assert outcome.rate_difference == pytest.approx(p1 - p2)
+    half = 1.959964 * math.sqrt(p1 * (1 - p1) / len(targeted) + p2 * (1 - p2) / len(control))
+    assert outcome.rate_ci == pytest.approx((p1 - p2 - half, p1 - p2 + half))
+    assert outcome.rate_ci[1] < 0  # held-out customers bought more here, by construction
+    assert outcome.verdict.startswith("targeted customers ordered less")
+
+
+def test_small_samples_are_called_too_small(store: Store, tmp_path: Path) -> None:
+    book = playbook(tmp_path, OUTCOME_BOOK, name="o")
+    moment = T0 - 30 * DAY
+    for i in range(12):
+        add_customer(store, f"s{i}")
+        add_order(store, f"s{i}", moment - DAY, 50)
+    add_order(store, "s0", moment + 40 * DAY, 50)  # the history goes on past the window
+    store.close()
+    outcome = dry_run(store.path, SETTINGS, [book], [moment]).simulation.rules[0].outcome
+    assert outcome is not None
+    assert outcome.verdict.startswith("too few customers to tell")
+    assert outcome.rate_difference is not None  # shown, but not judged
+
+
+def test_windows_past_the_history_are_left_out(store: Store, tmp_path: Path) -> None:
+    book = playbook(tmp_path, OUTCOME_BOOK, name="o")
+    for i in range(50):
+        add_customer(store, f"w{i}")
+        add_order(store, f"w{i}", T0 - 3 * DAY, 50)
+    store.close()
+    outcome = dry_run(store.path, SETTINGS, [book], [T0]).simulation.rules[0].outcome
+    assert outcome is not None
+    assert outcome.incomplete_window == 50 and outcome.targeted == outcome.control == 0
+
+
+def test_json_output_has_stable_documented_keys(demo: Path) -> None:
+    result = CliRunner().invoke(
+        cli,
+        [
+            "dry-run",
+            "playbooks/lifecycle.yaml",
+            "--db",
+            str(demo),
+            "--as-of",
+            "2024-05-01",
+            "--format",
+            "json",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert list(data) == [
+        "steps",
+        "window_days",
+        "engine",
+        "timezone",
+        "simulation",
+        "against",
+        "comparison",
+    ]
+    sim = data["simulation"]
+    assert list(sim) == ["playbooks", "queued", "steps", "rules", "suppression", "mix", "notes"]
+    assert list(sim["rules"][0]) == [
+        "rule",
+        "playbook",
+        "id",
+        "kind",
+        "matched",
+        "queued",
+        "suppressed",
+        "customers",
+        "coupon_cost",
+        "outcome",
+    ]
+    docs = Path("docs/dry-run.md").read_text("utf-8")
+    for key in [*data, *sim, *sim["rules"][0], *sim["rules"][0]["outcome"]]:
+        assert f"`{key}`" in docs, key
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--as-of", "2024-05-01", "--every", "7d"], "not both"),
+        (["--from", "2024-05-01", "--every", "7d"], "go together"),
+        ([], "say when"),
+        (["--from", "2024-05-01", "--to", "2024-04-01", "--every", "7d"], "before --from"),
+        (["--from", "2024-05-01", "--to", "2024-06-01", "--every", "soon"], "not a duration"),
+        (["--as-of", "2024-05-01", "--window", "0d"], "--window"),
+        (["--as-of", "yesterday-ish"], "yesterday-ish"),
+    ],
+)
+def test_usage_errors(demo: Path, args: list[str], message: str) -> None:
+    result = CliRunner().invoke(cli, ["dry-run", "playbooks", "--db", str(demo), *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_a_missing_or_foreign_store_is_a_clear_error(tmp_path: Path) -> None:
+    runner = CliRunner()
+    missing = runner.invoke(
+        cli, ["dry-run", "playbooks", "--db", str(tmp_path / "no.db"), "--as-of", "2024-05-01"]
+    )
+    assert missing.exit_code == 1 and "no such store" in missing.output
+    (tmp_path / "junk.db").write_bytes(b"not sqlite at all" * 100)
+    junk = runner.invoke(
+        cli, ["dry-run", "playbooks", "--db", str(tmp_path / "junk.db"), "--as-of", "2024-05-01"]
+    )
+    assert junk.exit_code == 1 and "not a playbook store" in junk.output
+    assert "scratch" not in junk.output
+
+
+def test_a_playbook_with_newer_live_state_starts_fresh(demo: Path, tmp_path: Path) -> None:
+    shutil.copy(demo, tmp_path / "live.db")
+    with open_store(tmp_path / "live.db") as store:
+        run_playbooks(store, SETTINGS, books(), as_of=DEMO_END)  # live, "today"
+    earlier = DEMO_END - 30 * DAY
+    seen: dict[str, Any] = {}
+    report = dry_run(
+        tmp_path / "live.db",
+        SETTINGS,
+        books(),
+        [earlier],
+        inspect=lambda s, _: seen.update(rows=queue_rows(s)),
+    )
+    fresh = dry_run(demo, SETTINGS, books(), [earlier])
+    assert any("simulated as if switched on then" in n for n in report.simulation.notes)
+    assert any("set aside" in n for n in report.simulation.notes)
+    assert any("were undone" in n for n in report.simulation.notes)
+    assert report.simulation.queued == fresh.simulation.queued
+
+
+def test_report_dataclass_round_trip(demo: Path) -> None:
+    report = dry_run(demo, SETTINGS, books()[:1], [DEMO_END - 20 * DAY])
+    assert isinstance(report, DryRun)
+    text = json.dumps(report.to_dict(), ensure_ascii=False)
+    assert json.loads(text)["simulation"]["playbooks"][0]["name"] == books()[0].name
