@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -331,6 +331,7 @@ class _Runner:
         self.event_tables: dict[str, str] = {}  # this playbook's: event type -> facts table
         self.tagged: set[str] = set()  # customers whose tags this run changed
         self.state_matches: dict[str, set[str]] | None = None
+        self.event_matches: dict[str, dict[str, set[str]]] = {}
         self.rules_by_id = {r.id: r for r in playbook.rules}
 
     def rule(self, rule: Rule, start: int) -> RuleReport:
@@ -414,11 +415,14 @@ class _Runner:
             for row in iter_features(self.store, self.features):
                 yield row["customer_id"], row
             return
+        self._fill_wanted(customers)
+        for row in self._rows(self.features.table, "JOIN temp.wanted w USING (customer_id)"):
+            yield row["customer_id"], row
+
+    def _fill_wanted(self, customers: set[str]) -> None:
         self.conn.execute("DROP TABLE IF EXISTS temp.wanted")
         self.conn.execute("CREATE TEMP TABLE wanted (customer_id TEXT PRIMARY KEY) WITHOUT ROWID")
         self.conn.executemany("INSERT INTO temp.wanted VALUES (?)", ((c,) for c in customers))
-        for row in self._rows(self.features.table, "JOIN temp.wanted w USING (customer_id)"):
-            yield row["customer_id"], row
 
     def _durable_state_matches(self, rule: Rule) -> set[str]:
         """All state rules are matched in one pass over the customers' facts; a rule that
@@ -450,12 +454,12 @@ class _Runner:
     def _event_candidates(self, rule: Rule, start: int) -> int:
         assert rule.on is not None
         table = self._event_facts(rule.on, start)
+        matched: Iterable[str]
         if self.engine == "sql":
             fields = fact_fields(self.catalog, rule.on)
             matched = match_sql(self.conn, table, "event_id", rule.when, fields, self.tz)
         else:
-            facts = ((row["event_id"], row) for row in self._rows(table))
-            matched = self._durable_match(rule, facts, rule.on)
+            matched = self._durable_event_matches(rule, table)
         self.conn.execute("DROP TABLE IF EXISTS temp.matched_events")
         self.conn.execute("CREATE TEMP TABLE matched_events (event_id TEXT PRIMARY KEY)")
         self.conn.executemany(
@@ -470,6 +474,35 @@ class _Runner:
         )
         return int(self.conn.execute(f"SELECT count(*) FROM temp.{CANDIDATES}").fetchone()[0])
 
+    def _durable_event_matches(self, rule: Rule, table: str) -> set[str]:
+        """All the playbook's rules on one event type are matched in one pass over its
+        events; a rule that reads tags is matched again for re-tagged customers' events."""
+        assert rule.on is not None
+        on = rule.on
+        if on not in self.event_matches:
+            live = [
+                (r.id, r.when)
+                for r in self.playbook.rules
+                if r.on == on and self._skipped(r) is None
+            ]
+            found: dict[str, set[str]] = {rule_id: set() for rule_id, _ in live}
+            facts = ((row["event_id"], row) for row in self._rows(table))
+            for event_id, rule_id in self._durable(f"{self.playbook.name}.{on}", live, on, facts):
+                found[rule_id].add(event_id)
+            self.event_matches[on] = found
+        matched = set(self.event_matches[on].get(rule.id, set()))
+        if self.tagged and rule.when is not None and "tags" in fields_used(rule.when):
+            self._fill_wanted(self.tagged)
+            rows = list(self._rows(table, "JOIN temp.wanted w USING (customer_id)"))
+            again = self._durable(
+                f"{self.playbook.name}.{rule.id}.retagged",
+                [(rule.id, rule.when)],
+                on,
+                ((row["event_id"], row) for row in rows),
+            )
+            matched = (matched - {row["event_id"] for row in rows}) | {e for e, _ in again}
+        return matched
+
     def _event_facts(self, event: str, start: int) -> str:
         """The run's facts table for `event` since `start` (built once per run)."""
         table = self.facts.events(event, start)
@@ -481,21 +514,13 @@ class _Runner:
 
     # -- durable-rules -------------------------------------------------------------------
 
-    def _durable_match(self, rule: Rule, facts: Any, event: str | None) -> list[str]:
-        found = self._durable(
-            f"{self.playbook.name}.{rule.id}", [(rule.id, rule.when)], event, facts
-        )
-        return [key for key, _ in found]
-
     def _durable(
         self, name: str, rules: list[tuple[str, Any]], event: str | None, facts: Any
     ) -> list[tuple[str, str]]:
-        from engine.match.durable import DurableMatcher
-
         fields = {field: info.type for field, info in self.catalog.items()}
         if event is not None:
             fields.update({f"event.{k}": v.type for k, v in source_fields(event).items()})
-        found: list[tuple[str, str]] = DurableMatcher(name, rules, fields, self.tz).match(facts)
+        found: list[tuple[str, str]] = _matcher(name, rules, fields, self.tz).match(facts)
         return found
 
     # -- effects -------------------------------------------------------------------------
@@ -648,6 +673,24 @@ class _Runner:
                 "description": g.description,
             }
         return context
+
+
+# durable-rules cannot unregister a ruleset: a matcher is compiled and registered once per
+# process for each set of rules, and reused by every later run (a simulation's steps).
+_MATCHERS: dict[tuple[Any, ...], Any] = {}
+MAX_MATCHERS = 512
+
+
+def _matcher(name: str, rules: list[tuple[str, Any]], fields: dict[str, Any], tz: Any) -> Any:
+    from engine.match.durable import DurableMatcher
+
+    key = (name, tuple(rules), tuple(sorted(fields.items())), str(tz))
+    matcher = _MATCHERS.get(key)
+    if matcher is None:
+        if len(_MATCHERS) >= MAX_MATCHERS:
+            _MATCHERS.pop(next(iter(_MATCHERS)))
+        matcher = _MATCHERS[key] = DurableMatcher(name, rules, fields, tz)
+    return matcher
 
 
 def _number(value: float) -> int | float:

@@ -53,6 +53,12 @@ def environment() -> SandboxedEnvironment:
 
 def template_variables(text: str) -> list[VariableUse] | TemplateProblem:
     """The variables a template uses, or the syntax problem that stops it parsing."""
+    found = _template_variables(text)
+    return list(found) if isinstance(found, tuple) else found
+
+
+@lru_cache(maxsize=1024)
+def _template_variables(text: str) -> tuple[VariableUse, ...] | TemplateProblem:
     try:
         tree = environment().parse(text)
     except TemplateSyntaxError as exc:
@@ -72,7 +78,7 @@ def template_variables(text: str) -> list[VariableUse] | TemplateProblem:
         uses.append(VariableUse(root, attr, _find(text, root, attr, node.lineno)))
     # A bare name that is also used with an attribute was the attribute's parent node.
     attributed = {u.root for u in uses if u.attr is not None}
-    return [u for u in uses if u.attr is not None or u.root not in attributed]
+    return tuple(u for u in uses if u.attr is not None or u.root not in attributed)
 
 
 def _reference(node: nodes.Node) -> tuple[str | None, str | None]:
