@@ -1,6 +1,7 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   installs the engine into .venv and runs it end to end on generated demo data:
-#               a store, its report, the example playbooks checked and run, the queue
+#               a store, its report, the example playbooks checked, backtested over the
+#               last twelve weeks (dryrun-report.html), run, and the queue they produced
 #   make test   installs the test tools too and runs ruff, mypy and the test suite
 PYTHON ?= $(shell for p in python3.12 python3.11 python3; do \
 	if command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(not ((3, 11) <= sys.version_info[:2] < (3, 13)))' 2>/dev/null; then \
@@ -27,6 +28,8 @@ $(VENV)/.installed-test: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(BIN)/playbook demo --db $(DEMO_DB) --replace
 	$(BIN)/playbook validate playbooks
+	$(BIN)/playbook dry-run playbooks --db $(DEMO_DB) --from today-14w --to today-2w --every 7d \
+		--html dryrun-report.html
 	$(BIN)/playbook run playbooks --db $(DEMO_DB)
 	$(BIN)/playbook queue --db $(DEMO_DB) --summary
 
@@ -42,6 +45,8 @@ bench: $(VENV)/.installed-test
 	$(BIN)/python bench/features.py
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/run.py
+	$(BIN)/python bench/dryrun.py
 
 clean:
-	rm -rf $(VENV) $(DEMO_DB) $(DEMO_DB)-wal $(DEMO_DB)-shm .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(DEMO_DB) $(DEMO_DB)-wal $(DEMO_DB)-shm dryrun-report.html .pytest_cache \
+		.mypy_cache .ruff_cache

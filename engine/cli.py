@@ -565,7 +565,9 @@ def dry_run_command(
         steps = [parse_as_of(as_of, tz)]
     else:
         assert start is not None and end is not None and every is not None
-        steps = steps_between(parse_as_of(start, tz), parse_as_of(end, tz), _duration(every))
+        steps = steps_between(
+            parse_as_of(start, tz, "--from"), parse_as_of(end, tz, "--to"), _duration(every)
+        )
     loaded = _load_playbooks(playbooks, settings)
     old = _load_playbooks(against, settings) if against else None
     simulations = 2 if old is not None else 1
@@ -587,7 +589,7 @@ def dry_run_command(
             loaded,
             steps,
             engine=engine,
-            since=parse_as_of(since, tz) if since else None,
+            since=parse_as_of(since, tz, "--since") if since else None,
             window=_duration(window),
             against=old,
             progress=progress,

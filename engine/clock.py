@@ -80,14 +80,25 @@ def _parse_iso(text: str, tz: tzinfo) -> int:
         raise ValueError(f"not an ISO 8601 time: {text!r}") from exc
 
 
-def parse_as_of(text: str | None, tz: tzinfo) -> int:
-    """The moment an `--as-of` value names: a date is the start of that day; None is now."""
+_RELATIVE = re.compile(r"^today(?:\s*-\s*(\S+))?$")
+
+
+def parse_as_of(text: str | None, tz: tzinfo, flag: str = "--as-of") -> int:
+    """The moment an `--as-of` value names: a date is the start of that day; None is now;
+    `today` is the start of today and `today-12w` (any duration) that long before it."""
     if text is None:
         return int(time.time())
+    relative = _RELATIVE.match(text.strip())
     try:
+        if relative:
+            today = datetime.now(tz).date()
+            start = to_epoch(datetime(today.year, today.month, today.day), tz)
+            return start - (parse_duration(relative.group(1)) if relative.group(1) else 0)
         return parse_timestamp(text, tz)
     except ValueError as exc:
-        raise UsageError(f"--as-of: {exc} (use YYYY-MM-DD or an ISO 8601 time)") from exc
+        raise UsageError(
+            f"{flag}: {exc} (use YYYY-MM-DD, an ISO 8601 time, today or today-30d)"
+        ) from exc
 
 
 def local_day(epoch: int, tz: tzinfo) -> date:

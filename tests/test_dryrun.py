@@ -445,3 +445,58 @@ def test_report_dataclass_round_trip(demo: Path) -> None:
     assert isinstance(report, DryRun)
     text = json.dumps(report.to_dict(), ensure_ascii=False)
     assert json.loads(text)["simulation"]["playbooks"][0]["name"] == books()[0].name
+
+
+def test_relative_moments(monkeypatch: pytest.MonkeyPatch) -> None:
+    from datetime import datetime
+
+    from engine.clock import parse_as_of
+    from engine.errors import UsageError
+
+    today = parse_as_of(datetime.now(SHANGHAI).date().isoformat(), SHANGHAI)
+    assert parse_as_of("today", SHANGHAI) == today
+    assert parse_as_of("today-14d", SHANGHAI) == today - 14 * DAY
+    assert parse_as_of("today - 2w", SHANGHAI) == today - 14 * DAY
+    with pytest.raises(UsageError, match=r"^--from: not a duration"):
+        parse_as_of("today-soon", SHANGHAI, "--from")
+
+
+def test_a_progress_bar_on_a_terminal_only(demo: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    args = [
+        "dry-run",
+        "playbooks/rfm.yaml",
+        "--db",
+        str(demo),
+        "--from",
+        "2024-04-01",
+        "--to",
+        "2024-04-15",
+        "--every",
+        "7d",
+    ]
+    command = [sys.executable, "-c", "from engine.cli import main; main()", *args]
+    piped = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert piped.returncode == 0 and piped.stderr == ""  # nothing in a pipe or a log
+    leader, follower = os.openpty()  # stderr on a real terminal
+    try:
+        done = subprocess.run(
+            command, stdout=subprocess.PIPE, stderr=follower, text=True, timeout=120
+        )
+        os.close(follower)
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        os.close(leader)
+    assert done.returncode == 0
+    assert b"dry-run steps" in shown and b"3/3" in shown
