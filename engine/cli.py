@@ -95,7 +95,11 @@ def store_options(func: F) -> F:
     return func
 
 
-def run_options(since_help: str) -> Callable[[F], F]:
+def run_options(
+    since_help: str,
+    engine_default: str = "auto",
+    engine_help: str = "auto: state rules in SQL, event rules in durable-rules.",
+) -> Callable[[F], F]:
     """Add --engine, --since and --format (table or json) to a command that runs playbooks."""
 
     def add(func: F) -> F:
@@ -110,9 +114,9 @@ def run_options(since_help: str) -> Callable[[F], F]:
         func = click.option(
             "--engine",
             type=click.Choice(ENGINES),
-            default="auto",
+            default=engine_default,
             show_default=True,
-            help="auto: state rules in SQL, event rules in durable-rules.",
+            help=engine_help,
         )(func)
         return func
 
@@ -527,7 +531,12 @@ def run(
     show_default=True,
     help="Outcomes: orders within this long after each step.",
 )
-@run_options("Event rules' first step reads events from here (default: 24 hours before it).")
+@run_options(
+    "Event rules' first step reads events from here (default: 24 hours before it).",
+    engine_default="sql",
+    engine_help="sql matches everything in SQL: the same answers as durable-rules (tested), "
+    "much faster over many steps; auto or rules to match as a live run does.",
+)
 @click.option(
     "--html",
     "html_file",

@@ -383,22 +383,32 @@ class _Runner:
                 f"WHERE {where}",
                 values,
             )
-        # Entering: matched now, not matching at the rule's previous evaluation.
+        # Entering: matched now, not matching at the rule's previous evaluation. Only they
+        # are written; customers still matching are read, never rewritten.
+        conn.execute("DROP TABLE IF EXISTS temp.entered")
+        conn.execute(
+            "CREATE TEMP TABLE entered (customer_id TEXT PRIMARY KEY, episode INTEGER) "
+            "WITHOUT ROWID"
+        )
+        conn.execute(
+            "INSERT INTO temp.entered SELECT m.customer_id, coalesce(s.episode, 0) + 1 "
+            "FROM temp.matched m LEFT JOIN rule_state s ON s.playbook = ? AND s.rule_id = ? "
+            "AND s.customer_id = m.customer_id WHERE s.matching IS NOT 1",
+            (name, rule.id),
+        )
         conn.execute(
             "INSERT INTO rule_state (playbook, rule_id, customer_id, matching, episode, "
-            "changed_at) SELECT ?, ?, m.customer_id, 1, 1, ? FROM temp.matched m WHERE true "
+            "changed_at) SELECT ?, ?, customer_id, 1, episode, ? FROM temp.entered WHERE true "
             "ON CONFLICT (playbook, rule_id, customer_id) DO UPDATE SET matching = 1, "
-            "episode = episode + 1, changed_at = excluded.changed_at WHERE matching = 0",
+            "episode = excluded.episode, changed_at = excluded.changed_at",
             (name, rule.id, as_of),
         )
-        entered = (
-            f"INSERT INTO temp.{CANDIDATES} SELECT s.customer_id, 'entry:' || s.episode, NULL, "
+        conn.execute(
+            f"INSERT INTO temp.{CANDIDATES} SELECT e.customer_id, 'entry:' || e.episode, NULL, "
             "f.opted_out, f.external_userid IS NOT NULL AND f.owner IS NOT NULL, "
-            "f.phone IS NOT NULL, f.owner, NULL, NULL FROM rule_state s "
-            f'JOIN temp."{table}" f ON f.customer_id = s.customer_id '
-            "WHERE s.playbook = ? AND s.rule_id = ? AND s.matching = 1 AND s.changed_at = ?"
+            "f.phone IS NOT NULL, f.owner, NULL, NULL FROM temp.entered e "
+            f'JOIN temp."{table}" f ON f.customer_id = e.customer_id'
         )
-        conn.execute(entered, (name, rule.id, as_of))
         # Leaving: matching before, not now (they may enter again later).
         conn.execute(
             "UPDATE rule_state SET matching = 0, changed_at = ? WHERE playbook = ? AND "

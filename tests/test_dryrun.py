@@ -500,3 +500,23 @@ def test_a_progress_bar_on_a_terminal_only(demo: Path) -> None:
         os.close(leader)
     assert done.returncode == 0
     assert b"dry-run steps" in shown and b"3/3" in shown
+
+
+def test_every_engine_simulates_the_same(demo: Path) -> None:
+    steps = steps_between(DEMO_END - 40 * DAY, DEMO_END - 15 * DAY, 7 * DAY)
+    found = {}
+    for engine in ("sql", "auto", "rules"):
+        seen: dict[str, Any] = {}
+        report = dry_run(
+            demo,
+            SETTINGS,
+            books(),
+            steps,
+            engine=engine,
+            inspect=lambda s, _, seen=seen: seen.update(rows=queue_rows(s)),
+        )
+        data = report.to_dict()
+        data.pop("engine")
+        found[engine] = (data, seen["rows"])
+    assert found["sql"] == found["auto"] == found["rules"]
+    assert found["sql"][0]["simulation"]["queued"] > 0
