@@ -276,6 +276,9 @@ def scratch_copy(db: str | os.PathLike[str]) -> Iterator[Store]:
         except StoreError as exc:
             raise StoreError(str(exc).replace(str(copy), str(path))) from None
         try:
+            # A scratch file needs no durability: no write-ahead log, no syncing.
+            store.conn.execute("PRAGMA journal_mode = MEMORY")
+            store.conn.execute("PRAGMA synchronous = OFF")
             yield store
         finally:
             store.close()
