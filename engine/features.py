@@ -27,6 +27,7 @@ from engine.settings import CustomFeature, Settings
 from engine.store import Store
 
 FEATURE_TABLE = "features"
+KEPT_STAGES = ("o", "r")  # kept beside a full build for point builds (see FeatureTable)
 MAX_WORKERS = 4
 PARALLEL_MIN_ORDERS = 200_000  # below this, starting workers costs more than it saves
 WORKER_CACHE_KIB = 128 * 1024
@@ -72,6 +73,53 @@ SELECT {key_e},
        max(CASE WHEN ev.type = 'friend.deleted' THEN ev.ts END),
        sum(ev.type = 'group.joined') - sum(ev.type = 'group.left')
 {from_events}
+"""
+# Orders of points before a base build (as of :bt, stages kept): the base's totals less
+# the orders in [p.t, :bt); the 90/30-day windows move from ending at :bt to ending at p.t
+# (less what is after p.t, plus what is in [p.t - w, :bt - w)); categories less those
+# first bought after p.t. Only the orders between a point and the base are read.
+_POINT_ORDERS = """
+INSERT INTO {into}"{t}__o"
+SELECT p.key, b.n - coalesce(a.n, 0),
+       b.spend + coalesce(br.refunded, 0) - coalesce(a.gross, 0)
+         - coalesce((SELECT refunded FROM {into}"{t}__r" x WHERE x.customer_id = p.key), 0),
+       b.spend90 + coalesce(br.refunded90, 0) - coalesce(a.gross90, 0)
+         + coalesce((SELECT sum(o.amount_cents) FROM orders o INDEXED BY orders_customer_ts
+                     WHERE o.customer_id = p.customer_id AND o.ts >= p.t90
+                       AND o.ts < min(p.t, :bt90)), 0)
+         - coalesce((SELECT refunded90 FROM {into}"{t}__r" x WHERE x.customer_id = p.key), 0),
+       b.first_ts,
+       CASE WHEN coalesce(a.n, 0) = 0 THEN b.last_ts
+            ELSE (SELECT max(o.ts) FROM orders o INDEXED BY orders_customer_ts
+                  WHERE o.customer_id = p.customer_id AND o.ts < p.t) END AS last_ts,
+       p.today - (CASE WHEN coalesce(a.n, 0) = 0 THEN b.last_ts
+            ELSE (SELECT max(o.ts) FROM orders o INDEXED BY orders_customer_ts
+                  WHERE o.customer_id = p.customer_id AND o.ts < p.t) END + :off) / 86400,
+       p.today - (b.first_ts + :off) / 86400,
+       b.cats - coalesce((SELECT count(DISTINCT o.category) FROM orders o
+                            INDEXED BY orders_customer_ts
+                          WHERE o.customer_id = p.customer_id AND o.ts >= p.t AND o.ts < :bt
+                            AND o.category IS NOT NULL
+                            AND NOT EXISTS (SELECT 1 FROM orders e
+                                              INDEXED BY orders_customer_ts
+                                            WHERE e.customer_id = p.customer_id
+                                              AND e.ts < p.t AND e.category = o.category)), 0),
+       b.n30 - coalesce(a.n30, 0)
+         + coalesce((SELECT count(*) FROM orders o INDEXED BY orders_customer_ts
+                     WHERE o.customer_id = p.customer_id AND o.ts >= p.t30
+                       AND o.ts < min(p.t, :bt30)), 0)
+FROM temp."{t}__p" p
+JOIN temp."{{b}}__o" b ON b.customer_id = p.customer_id
+LEFT JOIN temp."{{b}}__r" br ON br.customer_id = p.customer_id
+LEFT JOIN (
+  SELECT p.key, count(*) AS n, sum(o.amount_cents) AS gross,
+         sum(CASE WHEN o.ts >= max(p.t90, :bt90) THEN o.amount_cents ELSE 0 END) AS gross90,
+         sum(o.ts >= max(p.t30, :bt30)) AS n30
+  FROM temp."{t}__p" p JOIN orders o INDEXED BY orders_customer_ts
+    ON o.customer_id = p.customer_id AND o.ts >= p.t AND o.ts < :bt
+  GROUP BY p.key
+) a ON a.key = p.key
+WHERE b.n - coalesce(a.n, 0) > 0
 """
 _SOURCES = "'friend.added', 'friend.deleted', 'group.joined', 'group.left'"
 # How each stage reads its source: for everyone as of one moment (grouped by customer), or
@@ -189,6 +237,9 @@ class FeatureTable:
     as_of: int
     rows: int
     rfm: RfmThresholds
+    # Whether the per-customer stage tables ({table}__o, __r) are kept beside it: point
+    # builds before `as_of` then read them and only the orders since (see `_POINT_ORDERS`).
+    stages: bool = False
 
 
 def _parameters(settings: Settings, as_of: int) -> dict[str, Any]:
@@ -310,9 +361,9 @@ def build_features(
     params.update(thresholds.values)
     conn.execute(f'CREATE TEMP TABLE "{table}" AS {sql}', params)
     conn.execute(f'CREATE UNIQUE INDEX temp."{table}_customer" ON "{table}" (customer_id)')
-    _drop_stages(conn, table)
+    _drop_stages(conn, table, keep=KEPT_STAGES)
     rows = conn.execute(f'SELECT count(*) FROM temp."{table}"').fetchone()[0]
-    return FeatureTable(table=table, as_of=as_of, rows=int(rows), rfm=thresholds)
+    return FeatureTable(table=table, as_of=as_of, rows=int(rows), rfm=thresholds, stages=True)
 
 
 def build_point_features(
@@ -322,12 +373,18 @@ def build_point_features(
     rfm: RfmThresholds,
     *,
     table: str,
+    base: FeatureTable | None = None,
 ) -> FeatureTable:
     """Features of customers each as of their own moment: `points` are (key, customer, as_of).
 
     The same statements as `build_features`, reading a points table instead of every
     customer, so an event's customer is judged as of right after that event. RFM scores
     use the population's thresholds `rfm` (from a full build). Rows carry `point_key`.
+
+    With `base` (a full build with its stages, as of no earlier than every point), each
+    point's order totals are the base's less the orders between the point and the base,
+    instead of every order before the point: the events of a run are the latest, and the
+    customers behind them are the ones with long histories.
     """
     conn = store.conn
     as_of = max((moment for _, _, moment in points), default=0)
@@ -346,9 +403,18 @@ def build_point_features(
             for key, customer, moment in points
         ),
     )
-    for statement in (_REFUNDS_SQL, _ORDERS_SQL, _EVENTS_SQL):
+    usable = (
+        base is not None
+        and base.stages
+        and all(moment <= base.as_of for _, _, moment in points)
+    )
+    orders_sql = _POINT_ORDERS if usable else _ORDERS_SQL
+    for statement in (_REFUNDS_SQL, orders_sql, _EVENTS_SQL):
         conn.execute(
-            statement.format(t=table, into="temp.", **_FROM_POINTS).format(t=table), params
+            statement.format(t=table, into="temp.", **_FROM_POINTS).format(
+                t=table, b=base.table if base is not None else ""
+            ),
+            {**params, **_base_parameters(base)},
         )
     params.update(rfm.values)
     conn.execute(f'CREATE TEMP TABLE "{table}" AS {sql}', params)
@@ -364,9 +430,16 @@ def _create_stages(conn: sqlite3.Connection, table: str, kind: str = "TEMP TABLE
         conn.execute(f'CREATE {kind} "{table}__{stage}" ({columns}) WITHOUT ROWID')
 
 
-def _drop_stages(conn: sqlite3.Connection, table: str) -> None:
+def _drop_stages(conn: sqlite3.Connection, table: str, keep: tuple[str, ...] = ()) -> None:
     for stage in _STAGES:
-        conn.execute(f'DROP TABLE temp."{table}__{stage}"')
+        if stage not in keep:
+            conn.execute(f'DROP TABLE temp."{table}__{stage}"')
+
+
+def _base_parameters(base: FeatureTable | None) -> dict[str, Any]:
+    if base is None:
+        return {}
+    return {"bt": base.as_of, "bt30": base.as_of - 30 * DAY, "bt90": base.as_of - 90 * DAY}
 
 
 Bounds = tuple[str | None, str | None]
@@ -668,10 +741,10 @@ class FeatureStepper:
         params.update(thresholds.values)
         conn.execute(f'CREATE TEMP TABLE "{t}" AS {sql}', params)
         conn.execute(f'CREATE UNIQUE INDEX temp."{t}_customer" ON "{t}" (customer_id)')
-        _drop_stages(conn, t)
+        _drop_stages(conn, t, keep=KEPT_STAGES)
         self.as_of = as_of
         rows = conn.execute(f'SELECT count(*) FROM temp."{t}"').fetchone()[0]
-        return FeatureTable(table=t, as_of=as_of, rows=int(rows), rfm=thresholds)
+        return FeatureTable(table=t, as_of=as_of, rows=int(rows), rfm=thresholds, stages=True)
 
     def _slide(self, old: int | None, new: int) -> None:
         """Move the 90- and 30-day windows from ending at `old` to ending at `new`."""

@@ -190,6 +190,7 @@ class RunFacts:
             [(event_id, customer, ts + 1) for event_id, customer, ts, *_ in events],
             self.features.rfm,
             table="event_points",
+            base=self.features,
         )
         conn.execute("DROP TABLE IF EXISTS temp.event_values")
         columns = ", ".join(f'"event.{name}"' for name in fields)

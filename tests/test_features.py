@@ -377,3 +377,50 @@ def test_a_stepper_does_not_go_back(demo_store: Store) -> None:
     with pytest.raises(ValueError, match="forward"):
         stepper.advance(AS_OF - 1)
     stepper.close()
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    offsets=st.lists(
+        st.integers(min_value=0, max_value=200 * 86_400), min_size=1, max_size=4, unique=True
+    ),
+    base_days=st.integers(min_value=0, max_value=300),
+    stepped=st.booleans(),
+)
+def test_point_builds_from_a_base_equal_full_builds(
+    demo_store: Store, offsets: list[int], base_days: int, stepped: bool
+) -> None:
+    """Points before a base build (its totals less what came after) == full builds at the
+    points' moments, for moments inside and beyond the 30/90-day windows."""
+    from engine.features import FeatureStepper, build_features, build_point_features
+    from engine.features import iter_features as rows_of
+    from engine.settings import load_settings
+
+    settings = load_settings(str(Path(__file__).parent.parent / "docs" / "settings.example.yaml"))
+    base_moment = AS_OF - base_days * 86_400
+    stepper = FeatureStepper(demo_store, settings, table="stepbase") if stepped else None
+    if stepper is not None:
+        stepper.advance(base_moment - 45 * 86_400)
+        base = stepper.advance(base_moment)
+    else:
+        base = build_features(demo_store, settings, base_moment, table="base")
+    assert base.stages
+    try:
+        for offset in offsets:
+            moment = base_moment - offset
+            full = build_features(demo_store, settings, moment, table="at")
+            rows = {r["customer_id"]: r for r in rows_of(demo_store, full)}
+            chosen = sorted(rows)[::5]
+            points = build_point_features(
+                demo_store,
+                settings,
+                [(f"k{c}", c, moment) for c in chosen],
+                full.rfm,
+                table="pts",
+                base=base,
+            )
+            got = {r.pop("point_key"): r for r in rows_of(demo_store, points)}
+            assert got == {f"k{c}": rows[c] for c in chosen}
+    finally:
+        if stepper is not None:
+            stepper.close()
