@@ -224,16 +224,18 @@ class RunDecider:
             "playbook_version, playbook_hash, rule_id, customer_id, trigger, action_index, "
             "type, channel, template, coupon, group_name, tags_added, tags_removed, "
             "assign_to, note, decided_at, scheduled_at, expires_at, status, reason, detail) "
-            "SELECT pb_action_id(:playbook, :rule, c.customer_id, c.trigger, :index), :run, "
+            # Each id is hashed once (a materialised CTE), then checked against the queue.
+            "WITH ids AS MATERIALIZED (SELECT pb_action_id(:playbook, :rule, customer_id, "
+            f"trigger, :index) AS id, * FROM temp.{CANDIDATES}) "
+            "SELECT c.id, :run, "
             ":playbook, :version, :hash, :rule, c.customer_id, c.trigger, :index, :kind, "
             ":channel, :template, :coupon, :group_name, :added, :removed, "
             "CASE WHEN :assign_to = 'owner' THEN c.owner ELSE :assign_to END, :note, "
             ":as_of, :scheduled, :scheduled + :expires, "
             f"CASE WHEN {reason} IS NULL THEN 'pending' ELSE 'suppressed' END, "
-            f"{reason}, {detail} FROM temp.{CANDIDATES} c "
+            f"{reason}, {detail} FROM ids c "
             # The same decision already in the queue (a repeated run) is not made again.
-            "WHERE NOT EXISTS (SELECT 1 FROM main.actions q WHERE q.action_id = "
-            "pb_action_id(:playbook, :rule, c.customer_id, c.trigger, :index))",
+            "WHERE NOT EXISTS (SELECT 1 FROM main.actions q WHERE q.action_id = c.id)",
             {
                 **self._params(rule),
                 "index": index,
