@@ -404,9 +404,7 @@ def build_point_features(
         ),
     )
     usable = (
-        base is not None
-        and base.stages
-        and all(moment <= base.as_of for _, _, moment in points)
+        base is not None and base.stages and all(moment <= base.as_of for _, _, moment in points)
     )
     orders_sql = _POINT_ORDERS if usable else _ORDERS_SQL
     for statement in (_REFUNDS_SQL, orders_sql, _EVENTS_SQL):
