@@ -227,7 +227,6 @@ def run_benchmark(args: argparse.Namespace) -> None:
         )
         remove_db(work)
         report_sql(scenarios[scenario])
-    sql = scenarios["daily"]
     if not (REPO_ROOT / "engine" / "match" / "durable.py").exists():  # no engine import here
         # TODO: measured as soon as engine/match/durable.py exists.
         durable: Figures = {"skipped": "engine/match/durable.py does not exist"}
@@ -237,7 +236,7 @@ def run_benchmark(args: argparse.Namespace) -> None:
             "durable",
             {"db": str(db), "time_limit": args.time_limit, "customers": args.durable_customers},
         )
-        report_durable(durable, sql["baseline_pairs"])
+        report_durable(durable, scenarios["first"]["baseline_pairs"])
 
     figures = summarise(args, db, counts, spec, reused, generation, scenarios, durable)
     figures["events_in_window"] = window
@@ -720,13 +719,17 @@ def sync_schema(store: Any) -> list[str]:
         wanted = fresh.conn.execute(
             "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL"
         ).fetchall()
-    have = {name for (name,) in store.conn.execute("SELECT name FROM sqlite_master")}
+    have = dict(store.conn.execute("SELECT name, sql FROM sqlite_master").fetchall())
     added = []
     for name, sql in wanted:
-        if name not in have:
-            store.conn.execute(sql)
-            added.append(name)
-            log(f"  WARNING: the store lacked index {name} of the current schema: created it")
+        if name in have and have[name] == sql:
+            continue
+        if name in have:
+            store.conn.execute(f'DROP INDEX "{name}"')
+        store.conn.execute(sql)
+        added.append(name)
+        what = "an older definition of" if name in have else "no"
+        log(f"  WARNING: the store had {what} index {name} of the current schema: made it")
     return added
 
 
