@@ -95,3 +95,25 @@ def test_a_schema_1_store_is_migrated_forward_keeping_its_data(tmp_path: Path) -
             for table in ("runs", "actions", "rule_state", "event_cursor"):
                 conn.execute(f"DROP TABLE {table}")
         open_store(path, readonly=True)
+
+
+def test_a_schema_2_store_gets_the_schema_3_indexes(tmp_path: Path) -> None:
+    path = tmp_path / "v2.db"
+    with open_store(path) as store, store.transaction() as conn:
+        conn.execute("INSERT INTO orders VALUES ('o1', 'c1', 10, 100, 'skincare', 's', NULL)")
+        # Make it look like a schema 2 store: its indexes, its version.
+        for name in ("actions_customer", "actions_open", "orders_customer_ts"):
+            conn.execute(f"DROP INDEX {name}")
+        conn.execute("CREATE INDEX orders_customer_ts ON orders (customer_id, ts)")
+        conn.execute("CREATE INDEX actions_customer_time ON actions (customer_id, scheduled_at)")
+        conn.execute("CREATE INDEX actions_status_time ON actions (status, scheduled_at)")
+        conn.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    with open_store(path) as store:
+        assert store.schema_version() == 3
+        indexes = dict(
+            store.conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'index'")
+        )
+        assert "actions_customer_time" not in indexes and "actions_status_time" not in indexes
+        assert "amount_cents, category" in indexes["orders_customer_ts"]
+        assert "WHERE status = 'pending'" in indexes["actions_open"]
+        assert store.count("orders") == 1
