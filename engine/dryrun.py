@@ -42,7 +42,7 @@ from engine.decide import REASONS
 from engine.errors import StoreError, UsageError
 from engine.features import FeatureStepper, build_features
 from engine.playbook.model import Playbook
-from engine.run import RunResult, run_playbooks
+from engine.run import RunResult, check_distinct_names, run_playbooks
 from engine.settings import Settings
 from engine.store import Store, open_store
 
@@ -229,6 +229,9 @@ def dry_run(
         raise UsageError("steps must be distinct moments in increasing order")
     if window <= 0:
         raise UsageError("--window must be a positive duration, e.g. 14d")
+    check_distinct_names(playbooks)
+    if against is not None:
+        check_distinct_names(against)
     runs = [playbooks] + ([against] if against is not None else [])
     simulations = []
     for books in runs:

@@ -119,6 +119,7 @@ def run_playbooks(
     stepping through time builds them incrementally); built here otherwise."""
     if engine not in ENGINES:
         raise UsageError(f"--engine must be one of {', '.join(ENGINES)}, not {engine!r}")
+    check_distinct_names(playbooks)
     if features is None:
         features = build_features(store, settings, as_of)
     elif features.as_of != as_of:
@@ -136,6 +137,18 @@ def run_playbooks(
             results.append(_execute(store, conn, settings, playbook, facts, engine, since))
         seen = _data_version(store)
     return results
+
+
+def check_distinct_names(playbooks: Sequence[Playbook]) -> None:
+    """Refuse two playbooks of one name: they would share entry state and event cursors."""
+    seen: dict[str, str] = {}
+    for playbook in playbooks:
+        if playbook.name in seen:
+            raise UsageError(
+                f"{seen[playbook.name]} and {playbook.file} are both playbook "
+                f"{playbook.name!r}: give each playbook its own name"
+            )
+        seen[playbook.name] = playbook.file
 
 
 class RunFacts:

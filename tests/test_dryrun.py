@@ -520,3 +520,14 @@ def test_every_engine_simulates_the_same(demo: Path) -> None:
         found[engine] = (data, seen["rows"])
     assert found["sql"] == found["auto"] == found["rules"]
     assert found["sql"][0]["simulation"]["queued"] > 0
+
+
+def test_two_playbooks_of_one_name_are_refused(demo: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy.yaml"
+    copy.write_text(Path("playbooks/rfm.yaml").read_text("utf-8"), "utf-8")
+    for command in (["dry-run", "--as-of", "2024-05-01"], ["run"]):
+        result = CliRunner().invoke(
+            cli, [*command, "playbooks/rfm.yaml", str(copy), "--db", str(demo)]
+        )
+        assert result.exit_code == 2, result.output
+        assert "are both playbook 'rfm'" in result.output
