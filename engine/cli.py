@@ -543,6 +543,12 @@ def run(
     type=click.Path(dir_okay=False),
     help="Also write a self-contained HTML report with charts to this file.",
 )
+@click.option(
+    "--actions",
+    "actions_file",
+    type=click.Path(dir_okay=False),
+    help="Also write every simulated action (who, what, when, or why not) as CSV.",
+)
 @store_options
 def dry_run_command(
     playbooks: tuple[str, ...],
@@ -556,6 +562,7 @@ def dry_run_command(
     since: str | None,
     fmt: str,
     html_file: str | None,
+    actions_file: str | None,
     db: str,
     settings_file: str | None,
 ) -> None:
@@ -602,7 +609,10 @@ def dry_run_command(
             window=_duration(window),
             against=old,
             progress=progress,
+            actions_csv=actions_file,
         )
+    if actions_file is not None:
+        click.echo(f"simulated actions: {actions_file}", err=True)
     if html_file is not None:
         from engine.dryrun_html import write_html
 

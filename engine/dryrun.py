@@ -25,6 +25,7 @@ window and their revenue, with the difference and a 95% confidence interval.
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -214,6 +215,7 @@ def dry_run(
     progress: Callable[[int], None] | None = None,
     incremental: bool = True,
     inspect: Callable[[Store, Simulation], None] | None = None,
+    actions_csv: str | os.PathLike[str] | None = None,
 ) -> DryRun:
     """Simulate `playbooks` at each of `steps` on a private copy of the store at `db`.
 
@@ -224,7 +226,8 @@ def dry_run(
     `progress` is called with 1 after each step of each simulation. `incremental=False`
     builds every step's features from scratch (the benchmark's naive baseline; the
     results are the same). `inspect`, if given, is called with the scratch store (its
-    queue holds the simulated actions) and the simulation, before the copy is deleted."""
+    queue holds the simulated actions) and the simulation, before the copy is deleted.
+    `actions_csv`: write the simulated actions (of `playbooks`, not `against`) there."""
     if not steps or list(steps) != sorted(set(steps)):
         raise UsageError("steps must be distinct moments in increasing order")
     if window <= 0:
@@ -233,7 +236,7 @@ def dry_run(
     if against is not None:
         check_distinct_names(against)
     runs = [playbooks] + ([against] if against is not None else [])
-    simulations = []
+    simulations: list[Simulation] = []
     for books in runs:
         with scratch_copy(db) as store:
             simulation = _simulate(
@@ -241,6 +244,8 @@ def dry_run(
             )
             if inspect is not None:
                 inspect(store, simulation)
+            if actions_csv is not None and not simulations:
+                write_actions_csv(store, actions_csv, settings)
             simulations.append(simulation)
     return DryRun(
         steps=list(steps),
@@ -353,6 +358,50 @@ def _simulate(
         mix=mix,
         notes=notes,
     )
+
+
+ACTION_COLUMNS = (
+    "step",
+    "playbook",
+    "rule_id",
+    "customer_id",
+    "trigger",
+    "type",
+    "channel",
+    "status",
+    "reason",
+    "detail",
+    "coupon",
+    "group_name",
+    "tags_added",
+    "tags_removed",
+    "assign_to",
+    "scheduled_at",
+    "message",
+)
+
+
+def write_actions_csv(store: Store, path: str | os.PathLike[str], settings: Settings) -> int:
+    """Write the simulation's actions (one row each, suppressed ones with their reason) as
+    CSV, in step order; times in the store's timezone. Returns the number of rows."""
+    tz = settings.tz
+    columns = ", ".join(f"a.{c}" for c in ACTION_COLUMNS[1:])
+    rows = store.conn.execute(
+        f"SELECT s.as_of, {columns} FROM actions a JOIN temp.sim_runs s USING (run_id) "
+        "ORDER BY s.as_of, a.playbook, a.rule_id, a.customer_id, a.trigger, a.action_index"
+    )
+    scheduled = ACTION_COLUMNS.index("scheduled_at")
+    count = 0
+    with open(path, "w", encoding="utf-8", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(ACTION_COLUMNS)
+        for row in rows:
+            values = list(row)
+            values[0] = format_epoch(values[0], tz)
+            values[scheduled] = format_epoch(values[scheduled], tz)
+            writer.writerow(values)
+            count += 1
+    return count
 
 
 def _forget_the_future(

@@ -531,3 +531,38 @@ def test_two_playbooks_of_one_name_are_refused(demo: Path, tmp_path: Path) -> No
         )
         assert result.exit_code == 2, result.output
         assert "are both playbook 'rfm'" in result.output
+
+
+def test_the_simulated_actions_as_csv(demo: Path, tmp_path: Path) -> None:
+    import csv
+
+    out = tmp_path / "actions.csv"
+    args = [
+        "dry-run",
+        "playbooks/lifecycle.yaml",
+        "--db",
+        str(demo),
+        "--from",
+        "2024-04-01",
+        "--to",
+        "2024-04-22",
+        "--every",
+        "7d",
+        "--actions",
+        str(out),
+        "--format",
+        "json",
+    ]
+    result = CliRunner().invoke(cli, [*args, "--against", "playbooks/lifecycle.yaml"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output[result.output.index("{") :])
+    with out.open(encoding="utf-8", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    sim = data["simulation"]
+    assert len(rows) == sim["queued"] + sum(sim["suppression"].values())  # one simulation
+    assert [r["step"] for r in rows] == sorted(r["step"] for r in rows)
+    assert {r["step"] for r in rows} <= set(data["steps"])
+    pending = [r for r in rows if r["status"] == "pending"]
+    assert len(pending) == sim["queued"]
+    assert all(r["reason"] for r in rows if r["status"] == "suppressed")
+    assert any(r["message"] for r in pending)
