@@ -635,8 +635,8 @@ def _verdict(
     ]
     if small:
         return (
-            f"too few customers to tell ({targeted.n} targeted, {control.n} {comparison}; "
-            f"need {MIN_GROUP}+ each with {MIN_EVENTS}+ buyers and non-buyers)"
+            f"too few customers to tell ({targeted.n} targeted with {targeted.buyers} "
+            f"ordering, {control.n} {comparison} with {control.buyers})"
         )
     low, high = (100 * x for x in ci)
     interval = f"95% CI {low:+.1f} to {high:+.1f}"
