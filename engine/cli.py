@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -74,6 +75,11 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except PlaybookError as exc:
             raise _failure(str(exc), exc.exit_code) from exc
+        except KeyboardInterrupt:
+            # Everything in flight has been undone on the way out (open transactions rolled
+            # back, a dry run's scratch copy deleted).
+            click.echo("interrupted: nothing half-written was kept", err=True)
+            sys.exit(130)
 
 
 def store_options(func: F) -> F:
@@ -789,6 +795,11 @@ def _start_of_today(settings: Settings) -> int:
     return parse_as_of(today, settings.tz)
 
 
+def _terminated(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # unwind like Ctrl-C: roll back, delete scratch files
+
+
 def main() -> None:
     """Entry point of the `playbook` console script."""
+    signal.signal(signal.SIGTERM, _terminated)
     cli(prog_name="playbook")

@@ -566,3 +566,53 @@ def test_the_simulated_actions_as_csv(demo: Path, tmp_path: Path) -> None:
     assert len(pending) == sim["queued"]
     assert all(r["reason"] for r in rows if r["status"] == "suppressed")
     assert any(r["message"] for r in pending)
+
+
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+def test_an_interrupted_dry_run_leaves_nothing_behind(
+    demo: Path, tmp_path: Path, signum: str
+) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    store = tmp_path / "s.db"
+    shutil.copy(demo, store)
+    before = hashlib.sha256(store.read_bytes()).hexdigest()
+    command = [
+        sys.executable,
+        "-c",
+        "from engine.cli import main; main()",
+        "dry-run",
+        "playbooks",
+        "--db",
+        str(store),
+        "--from",
+        "2023-06-01",
+        "--to",
+        "2024-05-01",
+        "--every",
+        "1d",
+    ]
+    proc = subprocess.Popen(
+        command,
+        env={**os.environ, "TMPDIR": str(scratch)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while not any(scratch.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert any(scratch.iterdir()), "the dry run never made its scratch copy"
+    time.sleep(0.5)  # well into the steps
+    proc.send_signal(getattr(signal, signum))
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert list(scratch.iterdir()) == []  # the scratch copy is gone
+    assert hashlib.sha256(store.read_bytes()).hexdigest() == before
