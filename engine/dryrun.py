@@ -48,6 +48,7 @@ from engine.settings import Settings
 from engine.store import Store, open_store
 
 DEFAULT_WINDOW = 14 * DAY
+TEMP_CACHE_KIB = 128 * 1024
 MAX_STEPS = 1000
 MIN_GROUP = 30  # customers per group below which a comparison is "too few to tell"
 MIN_EVENTS = 5  # buyers and non-buyers per group needed for the normal approximation
@@ -288,6 +289,9 @@ def scratch_copy(db: str | os.PathLike[str]) -> Iterator[Store]:
             # simulation reads its own runs' actions back at every step: index them.
             store.conn.execute("PRAGMA journal_mode = MEMORY")
             store.conn.execute("PRAGMA synchronous = OFF")
+            # Steps re-read the temp tables (features, running totals, the run's decisions)
+            # many times: give them a page cache of their own (SQLite's default is 2 MiB).
+            store.conn.execute(f"PRAGMA temp.cache_size = -{TEMP_CACHE_KIB}")
             store.conn.execute("CREATE INDEX IF NOT EXISTS scratch_run ON actions (run_id)")
             yield store
         finally:
