@@ -26,7 +26,6 @@ window and their revenue, with the difference and a 95% confidence interval.
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 import sqlite3
@@ -43,7 +42,7 @@ from engine.decide import REASONS
 from engine.errors import StoreError, UsageError
 from engine.features import FeatureStepper, build_features
 from engine.playbook.model import Playbook
-from engine.run import RunResult, check_distinct_names, run_playbooks
+from engine.run import RunResult, check_distinct_names, run_playbooks, write_tag_changes
 from engine.settings import Settings
 from engine.store import Store, open_store
 
@@ -452,15 +451,7 @@ def _undo_tags(conn: sqlite3.Connection, start: int) -> int:
         "AND a.decided_at >= ? ORDER BY a.decided_at DESC, a.rowid DESC",
         (start,),
     ).fetchall()
-    tags: dict[str, set[str]] = {}
-    for customer, added, removed, current in changes:
-        now = tags.setdefault(customer, set(json.loads(current or "[]")))
-        now -= set((added or "").split(","))
-        now |= set((removed or "").split(",")) - {""}
-    conn.executemany(
-        "UPDATE customers SET tags = ? WHERE customer_id = ?",
-        ((json.dumps(sorted(t), ensure_ascii=False), c) for c, t in tags.items()),
-    )
+    write_tag_changes(conn, changes, undo=True)
     return len(changes)
 
 

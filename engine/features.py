@@ -609,15 +609,23 @@ def iter_features(
     yield from decode_rows(store.conn.execute(sql + " ORDER BY customer_id", args))
 
 
+FLAGS = ("opted_out", "is_friend", "in_group")  # stored as 0/1, read as booleans
+
+
+def decode_value(name: str, value: Any) -> Any:
+    """A features column's value as Python reads it: tags a list, flags booleans."""
+    if name == "tags":
+        return json.loads(value) if value else []
+    if name in FLAGS:
+        return bool(value)
+    return value
+
+
 def decode_rows(cursor: sqlite3.Cursor) -> Iterator[dict[str, Any]]:
     """Rows of a query over a features table as dicts: tags a list, flags booleans."""
     names = [d[0] for d in cursor.description]
     for row in cursor:
-        record = dict(zip(names, row, strict=True))
-        record["tags"] = json.loads(record["tags"]) if record["tags"] else []
-        for flag in ("opted_out", "is_friend", "in_group"):
-            record[flag] = bool(record[flag])
-        yield record
+        yield {name: decode_value(name, value) for name, value in zip(names, row, strict=True)}
 
 
 def compute_features(

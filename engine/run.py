@@ -30,6 +30,7 @@ from engine.features import (
     build_features,
     build_point_features,
     decode_rows,
+    decode_value,
     iter_features,
 )
 from engine.match.sql import condition_sql, fact_fields, match_sql
@@ -41,7 +42,6 @@ from engine.store import Store
 ENGINES = ("auto", "sql", "rules")
 DEFAULT_SINCE = DAY
 EVENT_FACTS = "event_facts"
-FLAGS = ("opted_out", "is_friend", "in_group")  # features stored as 0/1, read as booleans
 
 
 @dataclass(frozen=True)
@@ -137,6 +137,28 @@ def run_playbooks(
             results.append(_execute(store, conn, settings, playbook, facts, engine, since))
         seen = _data_version(store)
     return results
+
+
+def write_tag_changes(
+    conn: Any, changes: Iterable[tuple[str, str | None, str | None, str | None]], undo: bool = False
+) -> list[str]:
+    """Apply tag actions (customer, tags_added, tags_removed, the customer's tags now), in
+    order, to the customers table — or, with `undo`, reverse them; returns who changed."""
+    tags: dict[str, set[str]] = {}
+    for customer, added, removed, current in changes:
+        now = tags.setdefault(customer, set(json.loads(current or "[]")))
+        add, remove = set((added or "").split(",")) - {""}, set((removed or "").split(","))
+        if undo:  # the reverse of "add, then remove"
+            now -= add
+            now |= remove - {""}
+        else:
+            now |= add
+            now -= remove
+    conn.executemany(
+        "UPDATE customers SET tags = ? WHERE customer_id = ?",
+        ((json.dumps(sorted(t), ensure_ascii=False), c) for c, t in tags.items()),
+    )
+    return list(tags)
 
 
 def check_distinct_names(playbooks: Sequence[Playbook]) -> None:
@@ -559,17 +581,7 @@ class _Runner:
         ).fetchall()
         if not changes:
             return
-        current: dict[str, set[str]] = {}
-        for customer, added, removed, tags in changes:
-            now = current.get(customer)
-            if now is None:
-                now = current[customer] = set(json.loads(tags or "[]"))
-            now |= set((added or "").split(",")) - {""}
-            now -= set((removed or "").split(","))
-        self.conn.executemany(
-            "UPDATE customers SET tags = ? WHERE customer_id = ?",
-            ((json.dumps(sorted(t), ensure_ascii=False), c) for c, t in current.items()),
-        )
+        current = write_tag_changes(self.conn, changes)
         self.conn.execute("DROP TABLE IF EXISTS temp.retagged")
         self.conn.execute("CREATE TEMP TABLE retagged (customer_id TEXT PRIMARY KEY)")
         self.conn.executemany("INSERT INTO temp.retagged VALUES (?)", ((c,) for c in current))
@@ -663,12 +675,8 @@ class _Runner:
         for name, value in zip(names, values, strict=True):
             if name.startswith("event."):
                 event[name[6:]] = value
-            elif name == "tags":
-                customer[name] = json.loads(value) if value else []
-            elif name in FLAGS:
-                customer[name] = bool(value)
             else:
-                customer[name] = value
+                customer[name] = decode_value(name, value)
         rule = self.rules_by_id[rule_id]
         context: dict[str, Any] = {
             "customer": customer,

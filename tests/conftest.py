@@ -71,6 +71,21 @@ EVENTS = [
 ]
 
 
+def add_fact(conn: Any, key: str, customer: str, kind: str, ts: int, cents: int) -> None:
+    """Insert one order ("orders"), refund ("refunds") or event (any other `kind`)."""
+    if kind == "orders":
+        conn.execute(
+            "INSERT INTO orders VALUES (?, ?, ?, ?, 'skincare', 's1', NULL)",
+            (key, customer, ts, cents),
+        )
+    elif kind == "refunds":
+        conn.execute(
+            "INSERT INTO refunds VALUES (?, NULL, ?, ?, ?, NULL)", (key, customer, ts, cents)
+        )
+    else:
+        conn.execute("INSERT INTO events VALUES (?, ?, ?, ?, NULL)", (key, customer, kind, ts))
+
+
 def load_small_dataset(store: Store, folder: Path) -> None:
     """Ingest the hand-computed dataset into `store`."""
     options = IngestOptions(tz=SHANGHAI)

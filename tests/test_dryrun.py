@@ -25,7 +25,7 @@ from engine.playbook import Playbook, load_playbook
 from engine.run import run_playbooks
 from engine.settings import Settings
 from engine.store import Store, open_store
-from tests.conftest import SHANGHAI
+from tests.conftest import SHANGHAI, add_fact
 from tests.test_run import T0, add_customer, add_order, playbook
 
 SETTINGS = Settings()
@@ -188,7 +188,7 @@ _late = st.tuples(
     st.integers(min_value=0, max_value=40),  # customer
     st.integers(min_value=0, max_value=30 * DAY),  # seconds after the cut
     st.integers(min_value=1, max_value=900_00),  # cents
-    st.sampled_from(["order", "group.joined", "friend.deleted", "refund"]),
+    st.sampled_from(["orders", "group.joined", "friend.deleted", "refunds"]),
 )
 
 
@@ -223,21 +223,7 @@ def test_no_leakage_from_after_a_step(
         ids = [r[0] for r in conn.execute("SELECT customer_id FROM customers ORDER BY 1")]
         for i, (who, delta, cents, kind) in enumerate(late):
             customer, ts = ids[who % len(ids)], moment + delta
-            if kind == "order":
-                conn.execute(
-                    "INSERT INTO orders VALUES (?, ?, ?, ?, 'skincare', 's1', NULL)",
-                    (f"late{i}", customer, ts, cents),
-                )
-            elif kind == "refund":
-                conn.execute(
-                    "INSERT INTO refunds VALUES (?, NULL, ?, ?, ?, NULL)",
-                    (f"late{i}", customer, ts, cents),
-                )
-            else:
-                conn.execute(
-                    "INSERT INTO events VALUES (?, ?, ?, ?, NULL)",
-                    (f"late{i}", customer, kind, ts),
-                )
+            add_fact(conn, f"late{i}", customer, kind, ts, cents)
     assert decided(folder / "s.db") == before
 
 

@@ -18,7 +18,7 @@ from engine.clock import parse_as_of
 from engine.features import compute_features
 from engine.settings import Settings
 from engine.store import Store, open_store
-from tests.conftest import SHANGHAI, load_small_dataset
+from tests.conftest import SHANGHAI, add_fact, load_small_dataset
 
 AS_OF = parse_as_of("2024-06-01", SHANGHAI)
 
@@ -155,21 +155,7 @@ def test_events_after_the_moment_never_change_features(
                     "INSERT OR IGNORE INTO customers (customer_id, auto_created) VALUES (?, 1)",
                     (customer,),
                 )
-                if kind == "orders":
-                    conn.execute(
-                        "INSERT INTO orders VALUES (?, ?, ?, ?, 'skincare', 's1', NULL)",
-                        (f"late{i}", customer, ts, cents),
-                    )
-                elif kind == "refunds":
-                    conn.execute(
-                        "INSERT INTO refunds VALUES (?, NULL, ?, ?, ?, NULL)",
-                        (f"late{i}", customer, ts, cents),
-                    )
-                else:
-                    conn.execute(
-                        "INSERT INTO events VALUES (?, ?, ?, ?, NULL)",
-                        (f"late{i}", customer, kind, ts),
-                    )
+                add_fact(conn, f"late{i}", customer, kind, ts, cents)
         assert compute_features(store, Settings(), AS_OF) == before
 
 
