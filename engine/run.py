@@ -31,7 +31,6 @@ from engine.features import (
     build_point_features,
     decode_rows,
     decode_value,
-    iter_features,
 )
 from engine.match.sql import condition_sql, fact_fields, match_sql
 from engine.playbook.model import Playbook, Rule
@@ -366,8 +365,8 @@ class _Runner:
         self.catalog = field_catalog(settings)
         self.event_tables: dict[str, str] = {}  # this playbook's: event type -> facts table
         self.tagged: set[str] = set()  # customers whose tags this run changed
-        self.state_matches: dict[str, set[str]] | None = None
-        self.event_matches: dict[str, dict[str, set[str]]] = {}
+        # durable-rules matches per kind of rule (None: state rules; else the event type)
+        self.durable_matches: dict[str | None, dict[str, set[str]]] = {}
         self.rules_by_id = {r.id: r for r in playbook.rules}
 
     def rule(self, rule: Rule, start: int) -> RuleReport:
@@ -410,7 +409,7 @@ class _Runner:
         if self.engine == "rules":
             conn.executemany(
                 "INSERT INTO temp.matched VALUES (?)",
-                ((c,) for c in sorted(self._durable_state_matches(rule))),
+                ((c,) for c in sorted(self._durable_matches(rule, table, "customer_id"))),
             )
         else:
             where, values = condition_sql(rule.when, fact_fields(self.catalog), self.tz)
@@ -454,46 +453,10 @@ class _Runner:
         )
         return int(conn.execute(f"SELECT count(*) FROM temp.{CANDIDATES}").fetchone()[0])
 
-    def _feature_facts(
-        self, customers: set[str] | None = None
-    ) -> Iterator[tuple[str, dict[str, Any]]]:
-        if customers is None:
-            for row in iter_features(self.store, self.features):
-                yield row["customer_id"], row
-            return
-        self._fill_wanted(customers)
-        for row in self._rows(self.features.table, "JOIN temp.wanted w USING (customer_id)"):
-            yield row["customer_id"], row
-
     def _fill_wanted(self, customers: set[str]) -> None:
         self.conn.execute("DROP TABLE IF EXISTS temp.wanted")
         self.conn.execute("CREATE TEMP TABLE wanted (customer_id TEXT PRIMARY KEY) WITHOUT ROWID")
         self.conn.executemany("INSERT INTO temp.wanted VALUES (?)", ((c,) for c in customers))
-
-    def _durable_state_matches(self, rule: Rule) -> set[str]:
-        """All state rules are matched in one pass over the customers' facts; a rule that
-        reads tags is matched again for the customers this run has re-tagged."""
-        if self.state_matches is None:
-            live = [
-                (r.id, r.when)
-                for r in self.playbook.rules
-                if r.on is None and self._skipped(r) is None
-            ]
-            self.state_matches = {rule_id: set() for rule_id, _ in live}
-            for customer, rule_id in self._durable(
-                f"{self.playbook.name}.state", live, None, self._feature_facts()
-            ):
-                self.state_matches[rule_id].add(customer)
-        matched = set(self.state_matches.get(rule.id, set()))
-        if self.tagged and rule.when is not None and "tags" in fields_used(rule.when):
-            again = self._durable(
-                f"{self.playbook.name}.{rule.id}.retagged",
-                [(rule.id, rule.when)],
-                None,
-                self._feature_facts(self.tagged),
-            )
-            matched = (matched - self.tagged) | {customer for customer, _ in again}
-        return matched
 
     # -- event rules ---------------------------------------------------------------------
 
@@ -505,7 +468,7 @@ class _Runner:
             fields = fact_fields(self.catalog, rule.on)
             matched = match_sql(self.conn, table, "event_id", rule.when, fields, self.tz)
         else:
-            matched = self._durable_event_matches(rule, table)
+            matched = self._durable_matches(rule, table, "event_id")
         self.conn.execute("DROP TABLE IF EXISTS temp.matched_events")
         self.conn.execute("CREATE TEMP TABLE matched_events (event_id TEXT PRIMARY KEY)")
         self.conn.executemany(
@@ -520,23 +483,24 @@ class _Runner:
         )
         return int(self.conn.execute(f"SELECT count(*) FROM temp.{CANDIDATES}").fetchone()[0])
 
-    def _durable_event_matches(self, rule: Rule, table: str) -> set[str]:
-        """All the playbook's rules on one event type are matched in one pass over its
-        events; a rule that reads tags is matched again for re-tagged customers' events."""
-        assert rule.on is not None
+    def _durable_matches(self, rule: Rule, table: str, key: str) -> set[str]:
+        """The playbook's live rules of one kind (state rules, or the rules on one event
+        type) are matched in one pass over `table`'s rows (keyed by `key`); a rule that reads
+        tags is matched again for the rows of customers this run has re-tagged."""
         on = rule.on
-        if on not in self.event_matches:
+        if on not in self.durable_matches:
             live = [
                 (r.id, r.when)
                 for r in self.playbook.rules
                 if r.on == on and self._skipped(r) is None
             ]
             found: dict[str, set[str]] = {rule_id: set() for rule_id, _ in live}
-            facts = ((row["event_id"], row) for row in self._rows(table))
-            for event_id, rule_id in self._durable(f"{self.playbook.name}.{on}", live, on, facts):
-                found[rule_id].add(event_id)
-            self.event_matches[on] = found
-        matched = set(self.event_matches[on].get(rule.id, set()))
+            facts = ((row[key], row) for row in self._rows(table))
+            name = f"{self.playbook.name}.{on or 'state'}"
+            for fact_key, rule_id in self._durable(name, live, on, facts):
+                found[rule_id].add(fact_key)
+            self.durable_matches[on] = found
+        matched = set(self.durable_matches[on].get(rule.id, set()))
         if self.tagged and rule.when is not None and "tags" in fields_used(rule.when):
             self._fill_wanted(self.tagged)
             rows = list(self._rows(table, "JOIN temp.wanted w USING (customer_id)"))
@@ -544,9 +508,9 @@ class _Runner:
                 f"{self.playbook.name}.{rule.id}.retagged",
                 [(rule.id, rule.when)],
                 on,
-                ((row["event_id"], row) for row in rows),
+                ((row[key], row) for row in rows),
             )
-            matched = (matched - {row["event_id"] for row in rows}) | {e for e, _ in again}
+            matched = (matched - {row[key] for row in rows}) | {k for k, _ in again}
         return matched
 
     def _event_facts(self, event: str, start: int) -> str:
