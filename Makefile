@@ -31,6 +31,10 @@ demo: $(VENV)/.installed
 	$(BIN)/playbook dry-run playbooks --db $(DEMO_DB) --from today-14w --to today-2w --every 7d \
 		--html dryrun-report.html
 	$(BIN)/playbook run playbooks --db $(DEMO_DB)
+	rm -rf demo-export && mkdir demo-export
+	$(BIN)/playbook export --db $(DEMO_DB) --to wecom -o demo-export/wecom.jsonl --now today+34h
+	$(BIN)/playbook export --db $(DEMO_DB) --to tasks -o demo-export/tasks --now today+34h
+	$(BIN)/playbook export --db $(DEMO_DB) --to csv -o demo-export/other.csv --now today+34h
 	$(BIN)/playbook queue --db $(DEMO_DB) --summary
 
 lint: $(VENV)/.installed-test

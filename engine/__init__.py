@@ -16,6 +16,9 @@ package is the library, `engine.cli` the thin `playbook` command on top. Public 
     explain_customer(store, settings, playbook, customer, as_of)
                                               why a customer did or did not get it
     dry_run(db, settings, playbooks, steps)   what playbooks would have done -> DryRun
+    export_actions(store, settings, to, out=... | url=...)
+                                              due actions to a file or tool -> ExportResult
+    ack_receipts(store, path)                 import delivery receipts -> AckResult
 """
 
 from engine.catalog import FieldInfo, field_catalog
@@ -23,6 +26,9 @@ from engine.dryrun import DryRun, dry_run, steps_between
 from engine.errors import InputError, PlaybookError, SettingsError, StoreError, UsageError
 from engine.explain import Explanation
 from engine.explain import explain as explain_customer
+from engine.export import AckResult, ExportResult
+from engine.export import ack as ack_receipts
+from engine.export import export as export_actions
 from engine.features import FeatureTable, build_features, compute_features, iter_features
 from engine.ingest import IngestOptions, IngestResult, ingest_file
 from engine.playbook import Playbook, load_playbook
@@ -32,9 +38,11 @@ from engine.settings import CustomFeature, Settings, load_settings
 from engine.store import Store, open_store
 
 __all__ = [
+    "AckResult",
     "CustomFeature",
     "DryRun",
     "Explanation",
+    "ExportResult",
     "FeatureTable",
     "FieldInfo",
     "IngestOptions",
@@ -49,11 +57,13 @@ __all__ = [
     "Store",
     "StoreError",
     "UsageError",
+    "ack_receipts",
     "build_features",
     "build_report",
     "compute_features",
     "dry_run",
     "explain_customer",
+    "export_actions",
     "field_catalog",
     "ingest_file",
     "iter_features",

@@ -20,6 +20,8 @@ from engine.compile import compile_playbook
 from engine.dryrun import dry_run, dry_run_text, steps_between
 from engine.errors import PlaybookError
 from engine.explain import explain as explain_customer
+from engine.export import FORMATS as EXPORT_FORMATS
+from engine.export import AckResult, ExportResult, ack, export
 from engine.features import build_features, iter_features
 from engine.ingest import KINDS, IngestOptions, ingest_file
 from engine.ingest.load import IngestResult, parse_mapping
@@ -682,6 +684,126 @@ def queue(
     else:
         shown = names if summary else [n for n in QUEUE_COLUMNS if n in names]
         click.echo(table(shown, ([r[n] for n in shown] for r in rows)))
+
+
+@cli.command(name="export")
+@click.option("--to", "to", type=click.Choice(EXPORT_FORMATS), required=True, help="Format / tool.")
+@click.option(
+    "-o",
+    "--out",
+    type=click.Path(),
+    help="The file to write (a directory for --to tasks: one CSV per staff member).",
+)
+@click.option("--url", help="Post to this receiver (webhook), or this WeCom API base (wecom).")
+@click.option("--playbook", help="Only this playbook's actions.")
+@click.option("--channel", help="Only actions on this channel (wecom, sms, ...).")
+@click.option("--limit", type=click.IntRange(1), help="At most this many actions.")
+@click.option("--retry-failed", is_flag=True, help="Put failed actions back in line first.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+@click.option("--reenable", is_flag=True, help="Post again to a receiver that answered 410.")
+@click.option("--now", "now_text", help="Export as if it were this moment (default now).")
+@click.option(
+    "--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True
+)
+@store_options
+def export_command(
+    to: str,
+    out: str | None,
+    url: str | None,
+    playbook: str | None,
+    channel: str | None,
+    limit: int | None,
+    retry_failed: bool,
+    overwrite: bool,
+    reenable: bool,
+    now_text: str | None,
+    fmt: str,
+    db: str,
+    settings_file: str | None,
+) -> None:
+    """Send due pending actions to a file or a messaging tool.
+
+    Due: scheduled time reached, not expired (expired ones are marked so, never sent).
+    Files are written beside the target and renamed into place; HTTP batches are signed
+    (webhook), retried with backoff, and re-sent with the same id after an interruption.
+    """
+    settings = _settings(settings_file)
+    now = parse_as_of(now_text, settings.tz, "--now") if now_text else None
+    with open_store(db) as store:
+        result = export(
+            store,
+            settings,
+            to,
+            out=out,
+            url=url,
+            playbook=playbook,
+            channel=channel,
+            limit=limit,
+            retry_failed=retry_failed,
+            overwrite=overwrite,
+            reenable=reenable,
+            now=now,
+        )
+    if fmt == "json":
+        click.echo(json.dumps(result.to_dict(), ensure_ascii=False, indent=2))
+    else:
+        click.echo(_export_text(result))
+    if result.stopped:
+        raise _Failed(f"export stopped: {result.stopped}")
+    if result.failed:
+        raise _Failed(
+            f"{result.failed:,} actions failed (reasons above; `playbook queue --status failed` "
+            "lists them): fix the cause, then export again with --retry-failed"
+        )
+
+
+def _export_text(result: ExportResult) -> str:
+    done = result.sent if result.sent else result.exported
+    verb = (
+        "sent to"
+        if result.sent or result.format == "webhook" or result.destination.startswith("http")
+        else "written to"
+    )
+    lines = [f"{done:,} actions {verb} {result.destination} ({result.format})"]
+    for path in result.files:
+        lines.append(f"  {path}")
+    for label, value in (
+        ("failed", result.failed),
+        ("suppressed (platform limit)", result.suppressed),
+        ("expired (not sent late)", result.expired),
+    ):
+        if value:
+            lines.append(f"{value:,} {label}")
+    for reason, count in result.reasons.most_common(5):
+        lines.append(f"  {count:,} x {reason}")
+    for note in result.notes:
+        lines.append(note)
+    for what, count in result.recovered.items():
+        lines.append(f"from an interrupted export: {count:,} {what.replace('_', ' ')}")
+    return "\n".join(lines)
+
+
+@cli.command(name="ack")
+@click.argument("receipts", type=click.Path(dir_okay=False))
+@click.option("--msgid", help="The WeCom task id, if the results file does not name it.")
+@click.option(
+    "--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True
+)
+@store_options
+def ack_command(
+    receipts: str, msgid: str | None, fmt: str, db: str, settings_file: str | None
+) -> None:
+    """Import delivery results (CSV / JSON / WeCom send results): delivered or failed."""
+    with open_store(db) as store:
+        result: AckResult = ack(store, receipts, msgid=msgid)
+    if fmt == "json":
+        click.echo(json.dumps(result.to_dict(), ensure_ascii=False, indent=2))
+        return
+    click.echo(
+        f"{result.delivered:,} delivered, {result.failed:,} failed, "
+        f"{result.unchanged:,} already so"
+        + (f", {result.waiting:,} not yet sent by staff" if result.waiting else "")
+    )
 
 
 @cli.command()

@@ -80,12 +80,13 @@ def _parse_iso(text: str, tz: tzinfo) -> int:
         raise ValueError(f"not an ISO 8601 time: {text!r}") from exc
 
 
-_RELATIVE = re.compile(r"^today(?:\s*-\s*(\S+))?$")
+_RELATIVE = re.compile(r"^today(?:\s*([-+])\s*(\S+))?$")
 
 
 def parse_as_of(text: str | None, tz: tzinfo, flag: str = "--as-of") -> int:
     """The moment an `--as-of` value names: a date is the start of that day; None is now;
-    `today` is the start of today and `today-12w` (any duration) that long before it."""
+    `today` is the start of today, `today-12w` (any duration) that long before it and
+    `today+34h` that long after it."""
     if text is None:
         return int(time.time())
     relative = _RELATIVE.match(text.strip())
@@ -93,7 +94,8 @@ def parse_as_of(text: str | None, tz: tzinfo, flag: str = "--as-of") -> int:
         if relative:
             today = datetime.now(tz).date()
             start = to_epoch(datetime(today.year, today.month, today.day), tz)
-            return start - (parse_duration(relative.group(1)) if relative.group(1) else 0)
+            shift = parse_duration(relative.group(2)) if relative.group(2) else 0
+            return start - shift if relative.group(1) == "-" else start + shift
         return parse_timestamp(text, tz)
     except ValueError as exc:
         raise UsageError(

@@ -21,6 +21,7 @@ queue rows in place.
 from __future__ import annotations
 
 import hashlib
+import json
 import sqlite3
 from collections import Counter
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from engine.playbook.model import Action, Cap, Playbook, Rule
 
 MESSAGE_KINDS = ("send", "invite_group")  # what frequency caps count: contact with a customer
 CONTACT_KINDS = ("send", "invite_group", "task")  # what an opted-out customer must not get
-LIVE_STATUSES = ("pending", "exported", "sent", "delivered")
+LIVE_STATUSES = ("pending", "exporting", "exported", "sent", "delivered")
 REASONS = ("cooldown", "group", "holdout", "opted_out", "unreachable", "cap", "budget")
 
 CANDIDATES = "candidates"
@@ -100,6 +101,34 @@ def channel_of(action: Action) -> str | None:
     return "wecom" if action.kind == "invite_group" else None
 
 
+def attachments_of(playbook: Playbook, action: Action) -> str | None:
+    """What goes with the message (JSON): the coupon's link or mini-program, the group's
+    join link. Exporters map this neutral shape to each tool's own."""
+    found: list[dict[str, str]] = []
+    if action.coupon is not None:
+        coupon = playbook.coupons[action.coupon]
+        title = coupon.description or f"Coupon {coupon.code}"
+        if coupon.url:
+            found.append({"type": "link", "title": title, "url": coupon.url})
+        if coupon.miniprogram is not None:
+            mini = coupon.miniprogram
+            found.append(
+                {
+                    "type": "miniprogram",
+                    "title": mini.title,
+                    "appid": mini.appid,
+                    "page": mini.page,
+                    "pic_media_id": mini.pic_media_id,
+                }
+            )
+    if action.group is not None:
+        group = playbook.groups[action.group]
+        found.append(
+            {"type": "link", "title": group.description or group.name, "url": group.join_url}
+        )
+    return json.dumps(found, ensure_ascii=False, sort_keys=True) if found else None
+
+
 @dataclass
 class RunDecider:
     """Applies a playbook's policies for one run, rule by rule, inside the run's transaction."""
@@ -134,8 +163,10 @@ class RunDecider:
 
         The staged rows stay readable in `temp.decisions` until the next decider starts."""
         cursor = self.conn.execute(
-            f"INSERT OR IGNORE INTO main.actions SELECT * FROM temp.{DECISIONS} "
-            "ORDER BY customer_id, action_id"
+            # Only a repeated decision is skipped: any other constraint failure is an error
+            # (OR IGNORE would drop such a row without a word).
+            f"INSERT INTO main.actions SELECT * FROM temp.{DECISIONS} WHERE true "
+            "ORDER BY customer_id, action_id ON CONFLICT (action_id) DO NOTHING"
         )
         return int(cursor.rowcount)
 
@@ -220,10 +251,11 @@ class RunDecider:
             f"WHEN {action_reason} = 'unreachable' THEN :unreachable END"
         )
         self.conn.execute(
-            f"INSERT OR IGNORE INTO temp.{DECISIONS} (action_id, run_id, playbook, "
+            f"INSERT INTO temp.{DECISIONS} (action_id, run_id, playbook, "
             "playbook_version, playbook_hash, rule_id, customer_id, trigger, action_index, "
             "type, channel, template, coupon, group_name, tags_added, tags_removed, "
-            "assign_to, note, decided_at, scheduled_at, expires_at, status, reason, detail) "
+            "assign_to, note, decided_at, scheduled_at, expires_at, status, reason, detail, "
+            "attachments, attempts) "
             # Each id is hashed once (a materialised CTE), then checked against the queue.
             "WITH ids AS MATERIALIZED (SELECT pb_action_id(:playbook, :rule, customer_id, "
             f"trigger, :index) AS id, * FROM temp.{CANDIDATES}) "
@@ -233,9 +265,10 @@ class RunDecider:
             "CASE WHEN :assign_to = 'owner' THEN c.owner ELSE :assign_to END, :note, "
             ":as_of, :scheduled, :scheduled + :expires, "
             f"CASE WHEN {reason} IS NULL THEN 'pending' ELSE 'suppressed' END, "
-            f"{reason}, {detail} FROM ids c "
+            f"{reason}, {detail}, :attachments, 0 FROM ids c "
             # The same decision already in the queue (a repeated run) is not made again.
-            "WHERE NOT EXISTS (SELECT 1 FROM main.actions q WHERE q.action_id = c.id)",
+            "WHERE NOT EXISTS (SELECT 1 FROM main.actions q WHERE q.action_id = c.id) "
+            "ON CONFLICT (action_id) DO NOTHING",
             {
                 **self._params(rule),
                 "index": index,
@@ -250,6 +283,7 @@ class RunDecider:
                 "note": action.note,
                 "scheduled": self.scheduled_at if action.kind in MESSAGE_KINDS else self.as_of,
                 "expires": rule.expires_seconds,
+                "attachments": attachments_of(self.playbook, action),
                 "unreachable": f"no {'phone' if channel == 'sms' else 'WeCom contact'} "
                 f"for {channel}"
                 if channel

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
 import jsonschema
@@ -27,6 +27,9 @@ from engine.conditions.types import NUMBER, FieldType
 from engine.errors import SettingsError, UsageError
 from engine.schemas import load_schema
 from engine.yamlfile import YamlDoc, load_yaml_file
+
+if TYPE_CHECKING:
+    from engine.export.model import ExportConfig
 
 DEFAULT_SETTINGS_FILE = "playbook-settings.yaml"
 AGGREGATES = ("count", "sum", "min", "max", "last")
@@ -46,6 +49,12 @@ class CustomFeature:
     description: str
 
 
+def _default_export() -> ExportConfig:
+    from engine.export.model import ExportConfig  # here: engine.export imports this module
+
+    return ExportConfig()
+
+
 @dataclass(frozen=True)
 class Settings:
     """Model thresholds and custom features (defaults per ../shared/DOMAIN.md)."""
@@ -56,6 +65,8 @@ class Settings:
     silent_days: int = 90
     sleeping_days: int = 180
     custom_features: tuple[CustomFeature, ...] = ()
+    # Not hashed: its tag_ids / data dicts are not hashable, and Settings stays hashable.
+    export: ExportConfig = field(default_factory=_default_export, hash=False)
     path: str | None = field(default=None, compare=False)
 
     @property
@@ -160,9 +171,73 @@ def _build(doc: YamlDoc, data: dict[str, Any], path: str) -> tuple[Settings, lis
         silent_days=silent,
         sleeping_days=sleeping,
         custom_features=tuple(features),
+        export=_export(data.get("export", {}), problem),
         path=path,
     )
     return settings, problems
+
+
+def _export(data: dict[str, Any], problem: Any) -> ExportConfig:
+    """The `export:` section (already schema-checked) as an ExportConfig."""
+    # Imported here: engine.export imports this module.
+    from engine.export.model import (
+        ExportConfig,
+        SmsConfig,
+        WebhookConfig,
+        WechatTemplateConfig,
+        WecomConfig,
+    )
+
+    wecom = data.get("wecom", {})
+    sms = data.get("sms", {})
+    wechat = data.get("wechat_template", {})
+    webhook = data.get("webhook", {})
+    region = sms.get("default_region", SmsConfig.default_region)
+    if "default_region" in sms:
+        import phonenumbers  # only when a region is given: the import takes a while
+
+        if region not in phonenumbers.SUPPORTED_REGIONS:
+            problem(
+                ("export", "sms", "default_region"),
+                f"unknown region {region!r}; use an ISO 3166 code such as CN or HK",
+            )
+    backoff = webhook.get("backoff", WebhookConfig.backoff)
+    max_backoff = webhook.get("max_backoff", WebhookConfig.max_backoff)
+    if backoff > max_backoff:
+        problem(
+            ("export", "webhook", "max_backoff" if "max_backoff" in webhook else "backoff"),
+            f"need backoff <= max_backoff, got {backoff} and {max_backoff}",
+        )
+    return ExportConfig(
+        wecom=WecomConfig(
+            api_base=wecom.get("api_base", WecomConfig.api_base),
+            token_env=wecom.get("token_env", WecomConfig.token_env),
+            monthly_limit=wecom.get("monthly_limit", WecomConfig.monthly_limit),
+            tag_ids=dict(wecom.get("tag_ids", {})),
+        ),
+        sms=SmsConfig(
+            provider=sms.get("provider", SmsConfig.provider),
+            sign_name=sms.get("sign_name", SmsConfig.sign_name),
+            # Numeric ids may be written unquoted; the APIs take them as strings.
+            template_code=str(sms.get("template_code", SmsConfig.template_code)),
+            sdk_app_id=str(sms.get("sdk_app_id", SmsConfig.sdk_app_id)),
+            param=sms.get("param", SmsConfig.param),
+            default_region=region,
+        ),
+        wechat_template=WechatTemplateConfig(
+            template_id=wechat.get("template_id", WechatTemplateConfig.template_id),
+            url=wechat.get("url", WechatTemplateConfig.url),
+            data=dict(wechat["data"]) if "data" in wechat else WechatTemplateConfig().data,
+        ),
+        webhook=WebhookConfig(
+            secret_env=webhook.get("secret_env", WebhookConfig.secret_env),
+            batch_size=webhook.get("batch_size", WebhookConfig.batch_size),
+            timeout=float(webhook.get("timeout", WebhookConfig.timeout)),
+            max_attempts=webhook.get("max_attempts", WebhookConfig.max_attempts),
+            backoff=float(backoff),
+            max_backoff=float(max_backoff),
+        ),
+    )
 
 
 def _custom_feature(name: str, spec: dict[str, Any], problem: Any) -> CustomFeature | None:

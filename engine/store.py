@@ -20,7 +20,7 @@ import sqlite_utils
 from engine.errors import StoreError
 
 DEFAULT_DB = "playbook.db"
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 CACHE_KIB = 256 * 1024
 
 # Event types the store understands. Orders and refunds have their own tables (they
@@ -184,6 +184,48 @@ _MIGRATIONS: dict[int, list[str]] = {
         "DROP INDEX IF EXISTS orders_customer_ts",
         "CREATE INDEX orders_customer_ts ON orders (customer_id, ts, amount_cents, category)",
     ],
+    # Export: pending -> exporting -> exported (files) or sent (HTTP accepted) ->
+    # delivered / failed (receipts); expired when not sent in time.
+    4: [
+        # Links and mini-programs decided with the action (coupon, group join link).
+        "ALTER TABLE actions ADD COLUMN attachments TEXT",
+        # The export batch that carries the action (file or HTTP request).
+        "ALTER TABLE actions ADD COLUMN batch_id TEXT",
+        "ALTER TABLE actions ADD COLUMN exported_at INTEGER",
+        "ALTER TABLE actions ADD COLUMN result_at INTEGER",
+        "ALTER TABLE actions ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE actions ADD COLUMN error TEXT",
+        "CREATE INDEX actions_batch ON actions (batch_id) WHERE batch_id IS NOT NULL",
+        "DROP INDEX IF EXISTS actions_open",
+        "CREATE INDEX actions_open ON actions (status, scheduled_at) "
+        "WHERE status IN ('pending', 'exporting', 'exported', 'sent')",
+        # One row per file written or request posted. `body` keeps the exact bytes of an
+        # HTTP request until it is accepted, so an interrupted export re-sends the same
+        # request with the same id; `file_sha256` tells a renamed file from a lost one.
+        """CREATE TABLE export_batches (
+            batch_id TEXT PRIMARY KEY,
+            format TEXT NOT NULL,
+            destination TEXT NOT NULL,
+            endpoint TEXT,
+            status TEXT NOT NULL,
+            actions INTEGER NOT NULL DEFAULT 0,
+            body BLOB,
+            file_sha256 TEXT,
+            created_at INTEGER NOT NULL,
+            finished_at INTEGER,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            http_status INTEGER,
+            error TEXT,
+            response TEXT
+        )""",
+        "CREATE INDEX export_batches_status ON export_batches (status, format)",
+        # HTTP endpoints that answered 410 Gone: not posted to again until re-enabled.
+        """CREATE TABLE endpoints (
+            url TEXT PRIMARY KEY,
+            disabled_at INTEGER NOT NULL,
+            reason TEXT NOT NULL
+        )""",
+    ],
 }
 
 
@@ -236,6 +278,8 @@ class Store:
             "actions",
             "rule_state",
             "event_cursor",
+            "export_batches",
+            "endpoints",
         ):
             raise ValueError(f"not a store table: {table}")
         row = self.conn.execute(f"SELECT count(*) FROM {table}").fetchone()

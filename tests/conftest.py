@@ -13,6 +13,7 @@ import pytest
 from engine.clock import get_timezone
 from engine.ingest import IngestOptions, ingest_file
 from engine.store import Store, open_store
+from tests.loopback import LoopbackServer
 
 SHANGHAI = get_timezone("Asia/Shanghai")
 
@@ -123,3 +124,10 @@ def load_small_dataset(store: Store, folder: Path) -> None:
     for kind, path in files:
         result = ingest_file(store, kind, path, options)
         assert result.rejected == 0, result.first_rejects
+
+
+@pytest.fixture
+def loopback() -> Iterable[LoopbackServer]:
+    """A started HTTP server on 127.0.0.1 that records requests (see tests/loopback.py)."""
+    with LoopbackServer() as server:
+        yield server

@@ -443,6 +443,7 @@ def test_relative_moments(monkeypatch: pytest.MonkeyPatch) -> None:
     assert parse_as_of("today", SHANGHAI) == today
     assert parse_as_of("today-14d", SHANGHAI) == today - 14 * DAY
     assert parse_as_of("today - 2w", SHANGHAI) == today - 14 * DAY
+    assert parse_as_of("today+34h", SHANGHAI) == today + 34 * 3600
     with pytest.raises(UsageError, match=r"^--from: not a duration"):
         parse_as_of("today-soon", SHANGHAI, "--from")
 

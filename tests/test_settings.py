@@ -11,7 +11,7 @@ from engine.catalog import field_catalog
 from engine.clock import parse_as_of
 from engine.errors import SettingsError
 from engine.features import compute_features
-from engine.settings import load_settings
+from engine.settings import Settings, load_settings
 from engine.store import Store
 from tests.conftest import SHANGHAI, load_small_dataset
 
@@ -130,3 +130,85 @@ def test_example_settings_file_loads() -> None:
     example = Path(__file__).parent.parent / "docs" / "settings.example.yaml"
     settings = load_settings(str(example))
     assert settings.custom_features
+
+
+EXPORT = """\
+export:
+  wecom:
+    token_env: MY_WECOM_TOKEN
+    tag_ids: {vip: etAAA, 沉睡: etBBB}
+  sms:
+    provider: tencent
+    sign_name: 品牌
+    template_code: 1234567
+    sdk_app_id: 1400000000
+    default_region: HK
+  wechat_template:
+    template_id: TPL
+    url: https://example.com/c
+    data: {first: "{message}", remark: "{name}"}
+  webhook: {batch_size: 100, timeout: 3, backoff: 1}
+"""
+
+
+def test_export_section_loads(tmp_path: Path) -> None:
+    export = load_settings(write(tmp_path, EXPORT)).export
+    assert export.wecom.token_env == "MY_WECOM_TOKEN"
+    assert export.wecom.tag_ids == {"vip": "etAAA", "沉睡": "etBBB"}
+    assert export.wecom.monthly_limit == 4  # a default
+    # Numeric ids written unquoted are kept as the strings the APIs take.
+    assert (export.sms.provider, export.sms.template_code, export.sms.sdk_app_id) == (
+        "tencent",
+        "1234567",
+        "1400000000",
+    )
+    assert (export.sms.default_region, export.sms.param) == ("HK", "content")
+    assert export.wechat_template.url == "https://example.com/c"
+    assert export.wechat_template.data == {"first": "{message}", "remark": "{name}"}
+    assert (export.webhook.batch_size, export.webhook.timeout) == (100, 3.0)
+    assert (export.webhook.backoff, export.webhook.max_backoff) == (1.0, 60.0)
+
+
+def test_export_defaults() -> None:
+    for settings in (Settings(), load_settings(None)):
+        assert settings.export.sms.provider == "aliyun"
+        assert settings.export.wechat_template.data == {"first": "{message}"}
+        assert settings.export.wecom.tag_ids == {}
+    hash(Settings())  # still hashable
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "export:\n  wecom: {tag_idz: {}}\n",
+            "settings.yaml:2:11: export.wecom: unknown key ('tag_idz' was unexpected)",
+        ),
+        ("export:\n  smss: {}\n", "settings.yaml:2:3: export: unknown key ('smss' was unexpected)"),
+        (
+            "export:\n  sms:\n    provider: twilio\n",
+            "settings.yaml:3:15: export.sms.provider: 'twilio' is not one of",
+        ),
+        (
+            "export:\n  sms: {default_region: ZZ}\n",
+            "settings.yaml:2:25: export.sms.default_region: unknown region 'ZZ'",
+        ),
+        (
+            "export:\n  webhook: {backoff: 10, max_backoff: 5}\n",
+            "settings.yaml:2:39: export.webhook.max_backoff: need backoff <= max_backoff",
+        ),
+        (
+            "export:\n  wechat_template:\n    template_id: T\n    data: {first: 1}\n",
+            "settings.yaml:4:19: export.wechat_template.data.first: 1 is not of type 'string'",
+        ),
+        (
+            "export:\n  wecom:\n    tag_ids: {vip: ''}\n",
+            "settings.yaml:3:20: export.wecom.tag_ids.vip: '' should be non-empty",
+        ),
+    ],
+)
+def test_export_problems_point_at_the_line(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        load_settings(write(tmp_path, text))
+    first = str(caught.value).splitlines()[0]
+    assert first.split("settings.yaml", 1)[1].startswith(message.split("settings.yaml", 1)[1])

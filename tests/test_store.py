@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from engine.errors import StoreError
-from engine.store import SCHEMA_VERSION, open_store
+from engine.store import _MIGRATIONS, SCHEMA_VERSION, open_store
 
 
 def test_new_store_is_migrated_in_wal_mode(tmp_path: Path) -> None:
@@ -77,43 +77,63 @@ def test_a_second_writer_waits_for_the_first(tmp_path: Path) -> None:
     second.close()
 
 
+def store_at_version(path: Path, version: int) -> None:
+    """A store exactly as an engine of schema `version` made it."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    for target in range(1, version + 1):
+        for statement in _MIGRATIONS[target]:
+            conn.execute(statement)
+    conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(version),))
+    conn.close()
+
+
 def test_a_schema_1_store_is_migrated_forward_keeping_its_data(tmp_path: Path) -> None:
     path = tmp_path / "old.db"
-    with open_store(path) as store, store.transaction() as conn:
+    store_at_version(path, 1)
+    with sqlite3.connect(path) as conn:
         conn.execute("INSERT INTO customers (customer_id) VALUES ('00042')")
-        # Make it look like a store written before schema 2 existed.
-        for table in ("runs", "actions", "rule_state", "event_cursor"):
-            conn.execute(f"DROP TABLE {table}")
-        conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    conn.close()
+    with pytest.raises(StoreError, match="run any writing command"):
+        open_store(path, readonly=True)
     with open_store(path) as store:
-        assert store.schema_version() == SCHEMA_VERSION == 3
+        assert store.schema_version() == SCHEMA_VERSION == 4
         assert store.count("customers") == 1
         assert store.count("actions") == 0
-    with pytest.raises(StoreError, match="run any writing command"):
-        with open_store(path) as store, store.transaction() as conn:
-            conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
-            for table in ("runs", "actions", "rule_state", "event_cursor"):
-                conn.execute(f"DROP TABLE {table}")
-        open_store(path, readonly=True)
+        assert store.count("export_batches") == 0
 
 
 def test_a_schema_2_store_gets_the_schema_3_indexes(tmp_path: Path) -> None:
     path = tmp_path / "v2.db"
-    with open_store(path) as store, store.transaction() as conn:
+    store_at_version(path, 2)
+    with sqlite3.connect(path) as conn:
         conn.execute("INSERT INTO orders VALUES ('o1', 'c1', 10, 100, 'skincare', 's', NULL)")
-        # Make it look like a schema 2 store: its indexes, its version.
-        for name in ("actions_customer", "actions_open", "orders_customer_ts"):
-            conn.execute(f"DROP INDEX {name}")
-        conn.execute("CREATE INDEX orders_customer_ts ON orders (customer_id, ts)")
-        conn.execute("CREATE INDEX actions_customer_time ON actions (customer_id, scheduled_at)")
-        conn.execute("CREATE INDEX actions_status_time ON actions (status, scheduled_at)")
-        conn.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    conn.close()
     with open_store(path) as store:
-        assert store.schema_version() == 3
+        assert store.schema_version() == 4
         indexes = dict(
             store.conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'index'")
         )
         assert "actions_customer_time" not in indexes and "actions_status_time" not in indexes
         assert "amount_cents, category" in indexes["orders_customer_ts"]
-        assert "WHERE status = 'pending'" in indexes["actions_open"]
+        assert "status IN ('pending', 'exporting', 'exported', 'sent')" in indexes["actions_open"]
         assert store.count("orders") == 1
+
+
+def test_a_schema_3_queue_gains_the_export_columns_keeping_its_actions(tmp_path: Path) -> None:
+    path = tmp_path / "v3.db"
+    store_at_version(path, 3)
+    with sqlite3.connect(path) as conn:
+        conn.execute(
+            "INSERT INTO actions (action_id, run_id, playbook, playbook_version, "
+            "playbook_hash, rule_id, customer_id, trigger, action_index, type, decided_at, "
+            "scheduled_at, status) VALUES ('a1', 'r', 'p', 1, 'h', 'x', 'c1', 'entry:1', 0, "
+            "'send', 5, 5, 'pending')"
+        )
+    conn.close()
+    with open_store(path) as store:
+        row = store.conn.execute(
+            "SELECT status, attempts, batch_id, attachments FROM actions"
+        ).fetchone()
+        assert row == ("pending", 0, None, None)
+        assert store.count("endpoints") == 0

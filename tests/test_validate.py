@@ -215,3 +215,120 @@ def test_non_utf8_file(tmp_path: Path) -> None:
     path.write_bytes("playbook: 生命周期\n".encode("gbk"))
     (diagnostic,) = check_playbook_file(path, Settings())[1]
     assert diagnostic.message.startswith("not UTF-8 text")
+
+
+COUPON_LINKS = """\
+playbook: p
+version: 1
+coupons:
+  BIG50:
+    value: 50
+    description: 满500减50
+    url: https://example.com/c/BIG50
+    miniprogram:
+      appid: wx8bd80126147dfAAA
+      page: pages/coupon?code=BIG50
+      title: 领券
+      pic_media_id: MEDIA
+  SMALL10: {value: 10}
+templates:
+  t: "送你券 {{ coupon.code }}"
+rules:
+  - id: r
+    when: is_friend
+    then:
+      - send: {channel: wecom, template: t, coupon: BIG50}
+      - send: {channel: wecom, template: t, coupon: SMALL10}
+"""
+
+
+def test_coupon_url_and_miniprogram(tmp_path: Path) -> None:
+    from engine.playbook.model import MiniProgram
+
+    path = tmp_path / "p.yaml"
+    path.write_text(COUPON_LINKS, "utf-8")
+    playbook = load_playbook(path, Settings())
+    big, small = playbook.coupons["BIG50"], playbook.coupons["SMALL10"]
+    assert big.url == "https://example.com/c/BIG50"
+    assert big.miniprogram == MiniProgram(
+        appid="wx8bd80126147dfAAA",
+        page="pages/coupon?code=BIG50",
+        title="领券",
+        pic_media_id="MEDIA",
+    )
+    assert (small.url, small.miniprogram) == (None, None)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [
+        (
+            "url: https://example.com/c/BIG50",
+            "url: example.com/c/BIG50",
+            "p.yaml:7:10: coupons.BIG50.url: 'example.com/c/BIG50' is not a web link "
+            "(it must start with https:// or http://)",
+        ),
+        (
+            "      page: pages/coupon?code=BIG50\n",
+            "",
+            "p.yaml:9:7: coupons.BIG50.miniprogram: missing required key 'page'",
+        ),
+        (
+            "      title: 领券\n",
+            "      title: 领券\n      path: x\n",
+            "p.yaml:12:7: coupons.BIG50.miniprogram.path: unknown key 'path' "
+            "(allowed: appid, page, title, pic_media_id)",
+        ),
+    ],
+)
+def test_coupon_link_problems_point_at_the_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, old: str, new: str, expected: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    Path("p.yaml").write_text(COUPON_LINKS.replace(old, new), "utf-8")
+    playbook, diagnostics = check_playbook_file("p.yaml", Settings())
+    assert playbook is None
+    assert diagnostics[0].format().startswith(expected)
+
+
+def _wecom_playbook(template: str, action: str) -> str:
+    return (
+        "playbook: p\nversion: 1\ngroups:\n  vip: {join_url: 'https://e.com/j'}\n"
+        f"templates:\n  long: {json.dumps(template, ensure_ascii=False)}\n"
+        f"rules:\n  - id: r\n    when: is_friend\n    then:\n      - {action}\n"
+    )
+
+
+SEND_WECOM = "send: {channel: wecom, template: long}"
+SEND_SMS = "send: {channel: sms, template: long}"
+INVITE = "invite_group: {group: vip, template: long}"
+NAME = "{{ customer.name }}"
+
+
+@pytest.mark.parametrize(
+    ("template", "action", "size"),
+    [
+        ("好" * 1333 + "a" + NAME, SEND_WECOM, None),  # 4,000 bytes of fixed text
+        ("好" * 1333 + "ab", SEND_WECOM, "4,001 bytes"),
+        ("好" * 1334 + NAME, SEND_WECOM, "4,002 bytes of fixed text (without {{ }} values)"),
+        (NAME + "a" * 4001 + NAME, INVITE, "4,001 bytes of fixed text (without {{ }} values)"),
+        ("a" * 4001 + NAME, SEND_SMS, None),  # not a WeCom message
+        ("a" * 3990 + NAME * 40, SEND_WECOM, None),  # only the filled-in values may be long
+        ("a{% if customer.name %}" + "b" * 4001 + "{% endif %}", SEND_WECOM, None),
+        ("a{# " + "b" * 4001 + " #}", SEND_WECOM, None),
+    ],
+)
+def test_wecom_template_fixed_text_over_4000_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, template: str, action: str, size: str | None
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    Path("p.yaml").write_text(_wecom_playbook(template, action), "utf-8")
+    playbook, diagnostics = check_playbook_file("p.yaml", Settings())
+    if size is None:
+        assert [d for d in diagnostics if d.severity == "error"] == []
+        assert playbook is not None
+    else:
+        assert [d.format() for d in diagnostics if d.severity == "error"] == [
+            f"p.yaml:6:9: templates.long: template is {size}; WeCom mass messages take at "
+            "most 4,000 (shorten it)"
+        ]

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import available_timezones
 
+from jinja2 import TemplateSyntaxError, nodes
+
 from engine.catalog import field_catalog, source_fields
 from engine.clock import get_timezone, parse_duration
 from engine.conditions import (
@@ -35,7 +37,7 @@ from engine.playbook.diagnostics import (
     format_path,
     has_errors,
 )
-from engine.playbook.model import Action, Cap, Coupon, Group, Playbook, Rule
+from engine.playbook.model import Action, Cap, Coupon, Group, MiniProgram, Playbook, Rule
 from engine.playbook.schema_check import schema_diagnostics
 from engine.playbook.templates import (
     COUPON_FIELDS,
@@ -43,6 +45,7 @@ from engine.playbook.templates import (
     PLAYBOOK_FIELDS,
     RULE_FIELDS,
     TemplateProblem,
+    environment,
     template_variables,
 )
 from engine.settings import Settings
@@ -206,16 +209,7 @@ class _Checker:
             quiet_hours=quiet,
             holdout=holdout,
             caps=tuple(caps),
-            coupons={
-                code: Coupon(
-                    code,
-                    float(c["value"]),
-                    float(c.get("min_spend", 0)),
-                    c.get("budget"),
-                    c.get("description", ""),
-                )
-                for code, c in coupons.items()
-            },
+            coupons={code: _coupon(code, c) for code, c in coupons.items()},
             groups={
                 name: Group(name, g["join_url"], g.get("description", ""))
                 for name, g in groups.items()
@@ -606,14 +600,52 @@ class _Checker:
                 )
 
     def check_wecom_length(self, name: str, text: str) -> None:
-        size = len(text.encode("utf-8"))
+        """A WeCom template whose fixed text alone is over the limit can never be sent."""
+        fixed = fixed_text(text)
+        if fixed is None:
+            return  # it does not parse: reported by check_templates
+        size = len(fixed.encode("utf-8"))
         if size > WECOM_TEXT_LIMIT:
+            what = "" if fixed == text else " of fixed text (without {{ }} values)"
             self.error(
                 ("templates", name),
-                f"template is {size:,} bytes; WeCom mass messages "
+                f"template is {size:,} bytes{what}; WeCom mass messages "
                 f"take at most {WECOM_TEXT_LIMIT:,}",
                 "shorten it",
             )
+
+
+def fixed_text(text: str) -> str | None:
+    """The text a template always renders: `text` without its {{ }} expressions, {# #}
+    comments and {% %} blocks (whose text may not render); None if it does not parse."""
+    try:
+        tree = environment().parse(text)
+    except TemplateSyntaxError:
+        return None
+    return "".join(
+        part.data
+        for node in tree.body
+        if isinstance(node, nodes.Output)
+        for part in node.nodes
+        if isinstance(part, nodes.TemplateData)
+    )
+
+
+def _coupon(code: str, spec: dict[str, Any]) -> Coupon:
+    mini = spec.get("miniprogram")
+    return Coupon(
+        code,
+        float(spec["value"]),
+        float(spec.get("min_spend", 0)),
+        spec.get("budget"),
+        spec.get("description", ""),
+        url=spec.get("url"),
+        miniprogram=(
+            MiniProgram(mini["appid"], mini["page"], mini["title"], mini["pic_media_id"])
+            if mini is not None
+            else None
+        ),
+    )
 
 
 def _mapping(value: Any) -> dict[str, Any]:

@@ -18,6 +18,16 @@ class Cap:
 
 
 @dataclass(frozen=True)
+class MiniProgram:
+    """A mini-program (小程序) page, sent as a card attached to a WeCom message."""
+
+    appid: str
+    page: str
+    title: str
+    pic_media_id: str
+
+
+@dataclass(frozen=True)
 class Coupon:
     """A coupon the playbook may issue."""
 
@@ -26,6 +36,8 @@ class Coupon:
     min_spend: float = 0.0
     budget: int | None = None
     description: str = ""
+    url: str | None = None  # a link attachment: where the customer claims/uses it
+    miniprogram: MiniProgram | None = None  # a mini-program card attachment
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ _PATTERN_HINTS = {
     "start": ("is not a date", "use YYYY-MM-DD"),
     "end": ("is not a date", "use YYYY-MM-DD"),
     "join_url": ("is not a web link", "it must start with https:// or http://"),
+    "url": ("is not a web link", "it must start with https:// or http://"),
     "id": ("is not a valid id", "use lowercase letters, digits, '-' and '_'"),
     "playbook": ("is not a valid name", "use lowercase letters, digits, '-' and '_'"),
     "group": ("is not a valid group name", "use lowercase letters, digits, '-' and '_'"),
