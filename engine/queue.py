@@ -17,6 +17,7 @@ QUEUE_COLUMNS = (
     "reason",
     "scheduled_at",
     "message",
+    "error",
 )
 _FILTERS = ("status", "playbook")
 

@@ -365,3 +365,16 @@ def test_cli_export_exits_1_when_actions_fail(store: Store, tmp_path: Path) -> N
     assert statuses(store) == {"s1": "failed"}
     error = store.conn.execute("SELECT error FROM actions").fetchone()[0]
     assert "12345" in error
+
+
+def test_queue_shows_why_an_action_failed(store: Store, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from engine.cli import cli
+
+    add_customer(store, "c1", external_userid=None)
+    queue_action(store, "w1", "c1")
+    export(store, SETTINGS, "wecom", out=tmp_path / "w.jsonl", now=NOW)
+    shown = CliRunner().invoke(cli, ["queue", "--status", "failed", "--db", store.path])
+    assert shown.exit_code == 0
+    assert "w1" in shown.output and "external_userid" in shown.output
