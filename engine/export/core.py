@@ -321,7 +321,9 @@ def _snapshot(
     elif to == "tasks":
         fields, order = ("name", "external_userid", "owner"), ("assign_to", "scheduled_at")
     else:
-        fields, order = tuple(_CONTACT), ("scheduled_at", "playbook", "rule_id")
+        # The queue's own order (rows were written sorted by customer, run by run): a
+        # batch's rows then sit on a few neighbouring pages, so marking them is cheap.
+        fields, order = tuple(_CONTACT), ("seq",)
     picked = ", ".join(
         f"{_CONTACT[name] if name in fields else 'NULL'} AS {name}" for name in _CONTACT
     )
@@ -343,10 +345,11 @@ def _snapshot(
 
     order_by = ", ".join(sort_column(n) for n in (*order, "customer_id", "action_id"))
     aliased = ", ".join(f"a.{c} AS d_{c}" for c in columns.split(", "))
+    picked_columns = f"{aliased}, {picked}, a.rowid AS d_seq"
     conn = store.conn
     conn.execute(f"DROP TABLE IF EXISTS temp.{DUE}")
     conn.execute(
-        f"CREATE TEMP TABLE {DUE} AS SELECT * FROM (SELECT {aliased}, {picked} "
+        f"CREATE TEMP TABLE {DUE} AS SELECT * FROM (SELECT {picked_columns} "
         "FROM actions a LEFT JOIN customers c ON c.customer_id = a.customer_id "
         "WHERE a.status = 'pending' AND a.scheduled_at <= :now "
         f"AND (a.expires_at IS NULL OR a.expires_at > :now) AND {scope}{where}) "
@@ -447,6 +450,7 @@ def _items(store: Store, chunk: int = 5_000) -> Iterator[Item]:
                 owner,
                 phone,
                 openid,
+                _seq,
             ) = row
             last = rowid
             yield Item(
@@ -704,10 +708,6 @@ def _write_one(
         target.write(json.dumps(line, ensure_ascii=False).encode("utf-8") + b"\n")
         count += len(output.action_ids)
     rejections.flush()
-    store.conn.execute(
-        f"DELETE FROM temp.{DUE} WHERE d_action_id IN (SELECT action_id FROM temp.{REJECTED})"
-    )
-    return count
     _drop_rejected_from_snapshot(store)
     return count
 
