@@ -50,6 +50,7 @@ bench: $(VENV)/.installed-test
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/dryrun.py
+	$(BIN)/python bench/export.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_DB) $(DEMO_DB)-wal $(DEMO_DB)-shm dryrun-report.html .pytest_cache \
