@@ -137,3 +137,14 @@ def test_a_schema_3_queue_gains_the_export_columns_keeping_its_actions(tmp_path:
         ).fetchone()
         assert row == ("pending", 0, None, None)
         assert store.count("endpoints") == 0
+
+
+def test_page_cache_holds_the_cache_size_for_a_block_and_restores_it(tmp_path: Path) -> None:
+    with open_store(tmp_path / "s.db") as store:
+        (before,) = store.conn.execute("PRAGMA cache_size").fetchone()
+        with store.page_cache(4096):
+            assert store.conn.execute("PRAGMA cache_size").fetchone()[0] == -4096
+        assert store.conn.execute("PRAGMA cache_size").fetchone()[0] == before
+        with pytest.raises(RuntimeError), store.page_cache(2048):
+            raise RuntimeError("boom")
+        assert store.conn.execute("PRAGMA cache_size").fetchone()[0] == before

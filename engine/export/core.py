@@ -54,6 +54,9 @@ FILE_FORMATS = ("csv", "jsonl", "wecom", "sms", "wechat_template", "tasks")
 HTTP_FORMATS = ("wecom", "webhook")
 MESSAGE_TYPES = ("send", "invite_group")
 DUE = "export_due"
+# The export's page cache: its snapshot sort of every due action would otherwise take the
+# store's 256 MiB cache again per sorter thread (1M actions peaked at 629 MiB RSS).
+EXPORT_CACHE_KIB = 64 * 1024
 REJECTED = "export_rejected"
 WECOM_ACCESS = "externalcontact/add_msg_template"
 
@@ -181,7 +184,7 @@ def export(
     environ = dict(os.environ) if env is None else env
     config: ExportConfig = settings.export
     result = ExportResult(format=to, destination=destination)
-    with _export_lock(store):
+    with _export_lock(store), store.page_cache(EXPORT_CACHE_KIB):
         result.recovered = _recover_files(store, moment)
         with store.transaction() as conn:
             if retry_failed:
