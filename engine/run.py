@@ -1,4 +1,6 @@
-"""Running playbooks: match -> decide -> enqueue, one transaction per playbook.
+"""Running playbooks: match -> decide -> enqueue, all the playbooks of a run in one
+transaction (a crash leaves the store as before the run or with all of it; the pages the
+playbooks share — queue indexes, rule state — are written once, not once per playbook).
 
 State rules (no `on:`) fire when a customer *enters* their condition: `rule_state` keeps
 who matched at the rule's previous evaluation and counts entry episodes, and the episode
@@ -125,17 +127,16 @@ def run_playbooks(
         raise ValueError(f"features are as of {features.as_of}, the run as of {as_of}")
     facts = RunFacts(store, settings, features)
     seen = _data_version(store)
-    results = []
-    for playbook in playbooks:
-        with store.transaction() as conn:
-            # Features are built before the write lock is taken (so the build can use
-            # every core). If another command committed meanwhile — another run tagging
-            # customers — bring the tags up to date before deciding anything on them.
-            if _data_version(store) != seen:
-                facts.refresh_tags()
-            results.append(_execute(store, conn, settings, playbook, facts, engine, since))
-        seen = _data_version(store)
-    return results
+    with store.transaction() as conn:
+        # Features are built before the write lock is taken (so the build can use every
+        # core). If another command committed meanwhile — another run tagging customers —
+        # bring the tags up to date before deciding anything on them.
+        if _data_version(store) != seen:
+            facts.refresh_tags()
+        return [
+            _execute(store, conn, settings, playbook, facts, engine, since)
+            for playbook in playbooks
+        ]
 
 
 def write_tag_changes(
