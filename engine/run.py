@@ -141,9 +141,10 @@ def run_playbooks(
 
 def write_tag_changes(
     conn: Any, changes: Iterable[tuple[str, str | None, str | None, str | None]], undo: bool = False
-) -> list[str]:
+) -> dict[str, str]:
     """Apply tag actions (customer, tags_added, tags_removed, the customer's tags now), in
-    order, to the customers table — or, with `undo`, reverse them; returns who changed."""
+    order, to the customers table — or, with `undo`, reverse them; returns each changed
+    customer's tags as written."""
     tags: dict[str, set[str]] = {}
     for customer, added, removed, current in changes:
         now = tags.setdefault(customer, set(json.loads(current or "[]")))
@@ -154,11 +155,11 @@ def write_tag_changes(
         else:
             now |= add
             now -= remove
+    written = {c: json.dumps(sorted(t), ensure_ascii=False) for c, t in tags.items()}
     conn.executemany(
-        "UPDATE customers SET tags = ? WHERE customer_id = ?",
-        ((json.dumps(sorted(t), ensure_ascii=False), c) for c, t in tags.items()),
+        "UPDATE customers SET tags = ? WHERE customer_id = ?", ((t, c) for c, t in written.items())
     )
-    return list(tags)
+    return written
 
 
 def check_distinct_names(playbooks: Sequence[Playbook]) -> None:
@@ -191,13 +192,21 @@ class RunFacts:
         """Every facts table with a `tags` column."""
         return [self.features.table, *self.event_tables.values()]
 
-    def refresh_tags(self, customers: str | None = None) -> None:
-        """Re-read tags from the store, for every customer or those in temp `customers`."""
-        only = f" WHERE customer_id IN (SELECT customer_id FROM temp.{customers})"
+    def refresh_tags(self) -> None:
+        """Re-read every customer's tags from the store."""
         for table in self.tables:
             self.conn.execute(
                 f'UPDATE temp."{table}" SET tags = (SELECT c.tags FROM customers c '
-                f'WHERE c.customer_id = temp."{table}".customer_id)' + (only if customers else "")
+                f'WHERE c.customer_id = temp."{table}".customer_id)'
+            )
+
+    def write_tags(self, tags: str) -> None:
+        """Copy the tags in temp `tags` (customer_id, tags) into every facts table."""
+        for table in self.tables:
+            self.conn.execute(
+                f'UPDATE temp."{table}" AS f SET tags = (SELECT r.tags FROM temp.{tags} AS r '
+                f"WHERE r.customer_id = f.customer_id) WHERE f.customer_id IN "
+                f"(SELECT customer_id FROM temp.{tags})"
             )
 
     def events(self, event: str, start: int) -> str:
@@ -548,9 +557,11 @@ class _Runner:
             return
         current = write_tag_changes(self.conn, changes)
         self.conn.execute("DROP TABLE IF EXISTS temp.retagged")
-        self.conn.execute("CREATE TEMP TABLE retagged (customer_id TEXT PRIMARY KEY)")
-        self.conn.executemany("INSERT INTO temp.retagged VALUES (?)", ((c,) for c in current))
-        self.facts.refresh_tags("retagged")
+        self.conn.execute(
+            "CREATE TEMP TABLE retagged (customer_id TEXT PRIMARY KEY, tags TEXT) WITHOUT ROWID"
+        )
+        self.conn.executemany("INSERT INTO temp.retagged VALUES (?, ?)", current.items())
+        self.facts.write_tags("retagged")
         self.tagged.update(current)
 
     def render_messages(self) -> None:
