@@ -366,10 +366,18 @@ def build_features(
     return FeatureTable(table=table, as_of=as_of, rows=int(rows), rfm=thresholds, stages=True)
 
 
+@dataclass(frozen=True)
+class PointsQuery:
+    """Points read by SQL inside the store: `sql` selects (key, customer_id, moment)."""
+
+    sql: str
+    params: dict[str, Any]
+
+
 def build_point_features(
     store: Store,
     settings: Settings,
-    points: Sequence[tuple[str, str, int]],
+    points: Sequence[tuple[str, str, int]] | PointsQuery,
     rfm: RfmThresholds,
     *,
     table: str,
@@ -385,9 +393,17 @@ def build_point_features(
     point's order totals are the base's less the orders between the point and the base,
     instead of every order before the point: the events of a run are the latest, and the
     customers behind them are the ones with long histories.
+
+    `points` may be a `PointsQuery`: the points then never leave SQLite.
     """
     conn = store.conn
-    as_of = max((moment for _, _, moment in points), default=0)
+    if isinstance(points, PointsQuery):
+        (latest,) = conn.execute(
+            f"SELECT max(moment) FROM ({points.sql})", points.params
+        ).fetchone()
+        as_of = int(latest or 0)
+    else:
+        as_of = max((moment for _, _, moment in points), default=0)
     sql, params = features_query(settings, as_of, table, points=True)
     _drop(conn, table)
     _create_stages(conn, table)
@@ -396,16 +412,23 @@ def build_point_features(
         "t INTEGER, t30 INTEGER, t90 INTEGER, today INTEGER) WITHOUT ROWID"
     )
     offset = params["off"]
-    conn.executemany(
-        f'INSERT INTO temp."{table}__p" VALUES (?, ?, ?, ?, ?, ?)',
-        (
-            (key, customer, moment, moment - 30 * DAY, moment - 90 * DAY, (moment + offset) // DAY)
-            for key, customer, moment in points
-        ),
-    )
-    usable = (
-        base is not None and base.stages and all(moment <= base.as_of for _, _, moment in points)
-    )
+    # In key order: appended to the table's b-tree rather than inserted all over it.
+    if isinstance(points, PointsQuery):
+        conn.execute(
+            f'INSERT INTO temp."{table}__p" SELECT key, customer_id, moment, '
+            f"moment - {30 * DAY}, moment - {90 * DAY}, (moment + :off__) / {DAY} "
+            f"FROM ({points.sql}) ORDER BY key",
+            {**points.params, "off__": offset},
+        )
+    else:
+        conn.executemany(
+            f'INSERT INTO temp."{table}__p" VALUES (?, ?, ?, ?, ?, ?)',
+            (
+                (key, customer, t, t - 30 * DAY, t - 90 * DAY, (t + offset) // DAY)
+                for key, customer, t in sorted(points)
+            ),
+        )
+    usable = base is not None and base.stages and as_of <= base.as_of
     orders_sql = _POINT_ORDERS if usable else _ORDERS_SQL
     for statement in (_REFUNDS_SQL, orders_sql, _EVENTS_SQL):
         conn.execute(

@@ -29,6 +29,7 @@ from engine.decide import CANDIDATES, DECISIONS, REASONS, RunDecider
 from engine.errors import UsageError
 from engine.features import (
     FeatureTable,
+    PointsQuery,
     build_features,
     build_point_features,
     decode_rows,
@@ -222,30 +223,32 @@ class RunFacts:
         where = "s.ts >= :start AND s.ts < :as_of" + (
             " AND s.type = :type" if source == "events" else ""
         )
-        columns = ", ".join(f'{f.expr} AS "event.{name}"' for name, f in fields.items())
-        events = conn.execute(
-            f"SELECT s.{key}, s.customer_id, s.ts, {columns} FROM {source} s WHERE {where} "
-            "ORDER BY s.ts, s.rowid",
-            {"start": start, "as_of": as_of, "type": event},
-        ).fetchall()
+        params = {"start": start, "as_of": as_of, "type": event}
+        # The events never leave SQLite: their points and values are selected into temp
+        # tables directly.
         points = build_point_features(
             self.store,
             self.settings,
-            [(event_id, customer, ts + 1) for event_id, customer, ts, *_ in events],
+            PointsQuery(
+                f"SELECT s.{key} AS key, s.customer_id AS customer_id, s.ts + 1 AS moment "
+                f"FROM {source} s WHERE {where}",
+                params,
+            ),
             self.features.rfm,
             table="event_points",
             base=self.features,
         )
         conn.execute("DROP TABLE IF EXISTS temp.event_values")
-        columns = ", ".join(f'"event.{name}"' for name in fields)
+        names = ", ".join(f'"event.{name}"' for name in fields)
         conn.execute(
             f"CREATE TEMP TABLE event_values (event_id TEXT PRIMARY KEY, "
-            f"event_ts INTEGER, {columns}) WITHOUT ROWID"
+            f"event_ts INTEGER, {names}) WITHOUT ROWID"
         )
-        marks = ", ".join("?" for _ in range(len(fields) + 2))
-        conn.executemany(
-            f"INSERT OR IGNORE INTO temp.event_values VALUES ({marks})",
-            ((event_id, ts, *values) for event_id, _, ts, *values in events),
+        values = ", ".join(f.expr for f in fields.values())
+        conn.execute(
+            f"INSERT OR IGNORE INTO temp.event_values SELECT s.{key}, s.ts, {values} "
+            f"FROM {source} s WHERE {where} ORDER BY s.{key}",
+            params,
         )
         conn.execute(f'DROP TABLE IF EXISTS temp."{table}"')
         conn.execute(

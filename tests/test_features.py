@@ -7,6 +7,7 @@ As of 2024-06-01 00:00 Asia/Shanghai; six buyers with days since last order 30, 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -288,7 +289,7 @@ def test_parallel_build_equals_the_single_connection_build(
 def test_point_builds_equal_the_rows_of_full_builds(store: Store, tmp_path: Path) -> None:
     """Customers each as of their own moment == their rows in full builds at those moments."""
     from engine.demo import generate_demo
-    from engine.features import build_features, build_point_features, iter_features
+    from engine.features import PointsQuery, build_features, build_point_features, iter_features
     from engine.settings import load_settings
 
     generate_demo(store, customers=300, seed=5, end=AS_OF, tz=SHANGHAI)
@@ -306,6 +307,14 @@ def test_point_builds_equal_the_rows_of_full_builds(store: Store, tmp_path: Path
         )
         got = {r.pop("point_key"): r for r in iter_features(store, points)}
         assert got == {f"k{c}": rows[c] for c in chosen}
+        # The same points selected inside SQLite (PointsQuery) give the same rows.
+        query = PointsQuery(
+            "SELECT 'k' || customer_id AS key, customer_id, :m AS moment FROM customers "
+            "WHERE customer_id IN (SELECT value FROM json_each(:chosen))",
+            {"m": moment, "chosen": json.dumps(chosen)},
+        )
+        queried = build_point_features(store, settings, query, rfm, table="pts_q")
+        assert {r.pop("point_key"): r for r in iter_features(store, queried)} == got
 
 
 @pytest.fixture(scope="module")
