@@ -96,14 +96,10 @@ SELECT p.key, b.n - coalesce(a.n, 0),
             ELSE (SELECT max(o.ts) FROM orders o INDEXED BY orders_customer_ts
                   WHERE o.customer_id = p.customer_id AND o.ts < p.t) END + :off) / 86400,
        p.today - (b.first_ts + :off) / 86400,
-       b.cats - coalesce((SELECT count(DISTINCT o.category) FROM orders o
-                            INDEXED BY orders_customer_ts
-                          WHERE o.customer_id = p.customer_id AND o.ts >= p.t AND o.ts < :bt
-                            AND o.category IS NOT NULL
-                            AND NOT EXISTS (SELECT 1 FROM orders e
-                                              INDEXED BY orders_customer_ts
-                                            WHERE e.customer_id = p.customer_id
-                                              AND e.ts < p.t AND e.category = o.category)), 0),
+       b.cats - CASE WHEN coalesce(a.n, 0) = 0 THEN 0
+                     ELSE (SELECT count(*) FROM {into}"{t}__c" c
+                           WHERE c.customer_id = p.customer_id AND c.first_ts >= p.t)
+                END,
        b.n30 - coalesce(a.n30, 0)
          + coalesce((SELECT count(*) FROM orders o INDEXED BY orders_customer_ts
                      WHERE o.customer_id = p.customer_id AND o.ts >= p.t30
@@ -122,6 +118,20 @@ LEFT JOIN (
 WHERE b.n - coalesce(a.n, 0) > 0
 """
 _SOURCES = "'friend.added', 'friend.deleted', 'group.joined', 'group.left'"
+# Categories a point's customer first bought after the point (and before the base) are
+# taken off the base's count: each category's first order, for the customers with orders
+# after their point — one grouped read, instead of a count(DISTINCT) per point.
+_POINT_CATEGORIES = """
+INSERT INTO {into}"{t}__c"
+SELECT o.customer_id, o.category, min(o.ts)
+FROM orders o INDEXED BY orders_customer_ts
+WHERE o.customer_id IN (SELECT p.customer_id FROM temp."{t}__p" p
+                        WHERE EXISTS (SELECT 1 FROM orders l INDEXED BY orders_customer_ts
+                                      WHERE l.customer_id = p.customer_id
+                                        AND l.ts >= p.t AND l.ts < :bt))
+  AND o.ts < :bt AND o.category IS NOT NULL
+GROUP BY o.customer_id, o.category
+"""
 # How each stage reads its source: for everyone as of one moment (grouped by customer), or
 # for a list of points (a customer as of their own moment, e.g. right after an event).
 _FROM_ALL = {
@@ -430,6 +440,12 @@ def build_point_features(
         )
     usable = base is not None and base.stages and as_of <= base.as_of
     orders_sql = _POINT_ORDERS if usable else _ORDERS_SQL
+    if usable:
+        conn.execute(
+            f'CREATE TEMP TABLE "{table}__c" (customer_id TEXT, category TEXT, '
+            "first_ts INTEGER, PRIMARY KEY (customer_id, category)) WITHOUT ROWID"
+        )
+        conn.execute(_POINT_CATEGORIES.format(t=table, into="temp."), _base_parameters(base))
     for statement in (_REFUNDS_SQL, orders_sql, _EVENTS_SQL):
         conn.execute(
             statement.format(t=table, into="temp.", **_FROM_POINTS).format(
@@ -442,6 +458,7 @@ def build_point_features(
     conn.execute(f'CREATE UNIQUE INDEX temp."{table}_point" ON "{table}" (point_key)')
     _drop_stages(conn, table)
     conn.execute(f'DROP TABLE temp."{table}__p"')
+    conn.execute(f'DROP TABLE IF EXISTS temp."{table}__c"')
     rows = conn.execute(f'SELECT count(*) FROM temp."{table}"').fetchone()[0]
     return FeatureTable(table=table, as_of=as_of, rows=int(rows), rfm=rfm)
 
@@ -616,7 +633,7 @@ def _rfm_parameters(conn: Any, table: str, params: dict[str, Any]) -> dict[str, 
 
 def _drop(conn: Any, table: str) -> None:
     conn.execute(f'DROP TABLE IF EXISTS temp."{table}"')
-    for stage in _STAGES:
+    for stage in (*_STAGES, "c", "p"):
         conn.execute(f'DROP TABLE IF EXISTS temp."{table}__{stage}"')
 
 
