@@ -644,7 +644,12 @@ def _write_files(
                     "actions, file_sha256, created_at) VALUES (?, ?, ?, 'exporting', ?, ?, ?)",
                     (batch_id, to, str(out), written, json.dumps(hashes), now),
                 )
-                _claim_snapshot(conn, batch_id, now)
+                conn.execute(
+                    "UPDATE actions SET status = 'exporting', batch_id = :batch, "
+                    "exported_at = :now, attempts = attempts + 1 WHERE action_id IN "
+                    f"(SELECT d_action_id FROM temp.{DUE}) AND status = 'pending'",
+                    {"batch": batch_id, "now": now},
+                )
         if not written:
             for handle in files.values():
                 handle.discard()
@@ -708,19 +713,6 @@ def _write_one(
     rejections.flush()
     _drop_rejected_from_snapshot(store)
     return count
-
-
-def _claim_snapshot(conn: Any, batch_id: str, now: int, chunk: int = 20_000) -> None:
-    """Mark the snapshot's actions `exporting` in `batch_id`, a slice at a time (one big
-    IN list would be built in memory whole)."""
-    (last,) = conn.execute(f"SELECT coalesce(max(rowid), 0) FROM temp.{DUE}").fetchone()
-    for start in range(0, int(last), chunk):
-        conn.execute(
-            "UPDATE actions SET status = 'exporting', batch_id = :batch, exported_at = :now, "
-            "attempts = attempts + 1 WHERE action_id IN (SELECT d_action_id FROM "
-            f"temp.{DUE} WHERE rowid > :start AND rowid <= :end) AND status = 'pending'",
-            {"batch": batch_id, "now": now, "start": start, "end": start + chunk},
-        )
 
 
 def _drop_rejected_from_snapshot(store: Store) -> None:
