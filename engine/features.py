@@ -77,7 +77,17 @@ SELECT {key_e},
 # Orders of points before a base build (as of :bt, stages kept): the base's totals less
 # the orders in [p.t, :bt); the 90/30-day windows move from ending at :bt to ending at p.t
 # (less what is after p.t, plus what is in [p.t - w, :bt - w)); categories less those
-# first bought after p.t. Only the orders between a point and the base are read.
+# first bought after p.t. Only the orders between a point and the base are read: once,
+# into `__a` (points with later orders), which the categories and the totals both use.
+_POINT_LATER = """
+INSERT INTO temp."{t}__a"
+SELECT p.key, p.customer_id, count(*), sum(o.amount_cents),
+       sum(CASE WHEN o.ts >= max(p.t90, :bt90) THEN o.amount_cents ELSE 0 END),
+       sum(o.ts >= max(p.t30, :bt30))
+FROM temp."{t}__p" p JOIN orders o INDEXED BY orders_customer_ts
+  ON o.customer_id = p.customer_id AND o.ts >= p.t AND o.ts < :bt
+GROUP BY p.key
+"""
 _POINT_ORDERS = """
 INSERT INTO {into}"{t}__o"
 SELECT p.key, b.n - coalesce(a.n, 0),
@@ -97,7 +107,7 @@ SELECT p.key, b.n - coalesce(a.n, 0),
                   WHERE o.customer_id = p.customer_id AND o.ts < p.t) END + :off) / 86400,
        p.today - (b.first_ts + :off) / 86400,
        b.cats - CASE WHEN coalesce(a.n, 0) = 0 THEN 0
-                     ELSE (SELECT count(*) FROM {into}"{t}__c" c
+                     ELSE (SELECT count(*) FROM temp."{t}__c" c
                            WHERE c.customer_id = p.customer_id AND c.first_ts >= p.t)
                 END,
        b.n30 - coalesce(a.n30, 0)
@@ -107,14 +117,7 @@ SELECT p.key, b.n - coalesce(a.n, 0),
 FROM temp."{t}__p" p
 JOIN temp."{{b}}__o" b ON b.customer_id = p.customer_id
 LEFT JOIN temp."{{b}}__r" br ON br.customer_id = p.customer_id
-LEFT JOIN (
-  SELECT p.key, count(*) AS n, sum(o.amount_cents) AS gross,
-         sum(CASE WHEN o.ts >= max(p.t90, :bt90) THEN o.amount_cents ELSE 0 END) AS gross90,
-         sum(o.ts >= max(p.t30, :bt30)) AS n30
-  FROM temp."{t}__p" p JOIN orders o INDEXED BY orders_customer_ts
-    ON o.customer_id = p.customer_id AND o.ts >= p.t AND o.ts < :bt
-  GROUP BY p.key
-) a ON a.key = p.key
+LEFT JOIN temp."{t}__a" a ON a.key = p.key
 WHERE b.n - coalesce(a.n, 0) > 0
 """
 _SOURCES = "'friend.added', 'friend.deleted', 'group.joined', 'group.left'"
@@ -122,16 +125,21 @@ _SOURCES = "'friend.added', 'friend.deleted', 'group.joined', 'group.left'"
 # taken off the base's count: each category's first order, for the customers with orders
 # after their point — one grouped read, instead of a count(DISTINCT) per point.
 _POINT_CATEGORIES = """
-INSERT INTO {into}"{t}__c"
+INSERT INTO temp."{t}__c"
 SELECT o.customer_id, o.category, min(o.ts)
 FROM orders o INDEXED BY orders_customer_ts
-WHERE o.customer_id IN (SELECT p.customer_id FROM temp."{t}__p" p
-                        WHERE EXISTS (SELECT 1 FROM orders l INDEXED BY orders_customer_ts
-                                      WHERE l.customer_id = p.customer_id
-                                        AND l.ts >= p.t AND l.ts < :bt))
+WHERE o.customer_id IN (SELECT customer_id FROM temp."{t}__a")
   AND o.ts < :bt AND o.category IS NOT NULL
 GROUP BY o.customer_id, o.category
 """
+# The points' own tables: the points, their later orders, their customers' categories.
+_POINT_TABLES = {
+    "p": "key TEXT PRIMARY KEY, customer_id TEXT, t INTEGER, t30 INTEGER, t90 INTEGER, "
+    "today INTEGER",
+    "a": "key TEXT PRIMARY KEY, customer_id TEXT, n INTEGER, gross INTEGER, "
+    "gross90 INTEGER, n30 INTEGER",
+    "c": "customer_id TEXT, category TEXT, first_ts INTEGER, PRIMARY KEY (customer_id, category)",
+}
 # How each stage reads its source: for everyone as of one moment (grouped by customer), or
 # for a list of points (a customer as of their own moment, e.g. right after an event).
 _FROM_ALL = {
@@ -417,10 +425,8 @@ def build_point_features(
     sql, params = features_query(settings, as_of, table, points=True)
     _drop(conn, table)
     _create_stages(conn, table)
-    conn.execute(
-        f'CREATE TEMP TABLE "{table}__p" (key TEXT PRIMARY KEY, customer_id TEXT, '
-        "t INTEGER, t30 INTEGER, t90 INTEGER, today INTEGER) WITHOUT ROWID"
-    )
+    for name, columns in _POINT_TABLES.items():
+        conn.execute(f'CREATE TEMP TABLE "{table}__{name}" ({columns}) WITHOUT ROWID')
     offset = params["off"]
     # In key order: appended to the table's b-tree rather than inserted all over it.
     if isinstance(points, PointsQuery):
@@ -441,11 +447,8 @@ def build_point_features(
     usable = base is not None and base.stages and as_of <= base.as_of
     orders_sql = _POINT_ORDERS if usable else _ORDERS_SQL
     if usable:
-        conn.execute(
-            f'CREATE TEMP TABLE "{table}__c" (customer_id TEXT, category TEXT, '
-            "first_ts INTEGER, PRIMARY KEY (customer_id, category)) WITHOUT ROWID"
-        )
-        conn.execute(_POINT_CATEGORIES.format(t=table, into="temp."), _base_parameters(base))
+        for statement in (_POINT_LATER, _POINT_CATEGORIES):
+            conn.execute(statement.format(t=table), _base_parameters(base))
     for statement in (_REFUNDS_SQL, orders_sql, _EVENTS_SQL):
         conn.execute(
             statement.format(t=table, into="temp.", **_FROM_POINTS).format(
@@ -457,8 +460,8 @@ def build_point_features(
     conn.execute(f'CREATE TEMP TABLE "{table}" AS {sql}', params)
     conn.execute(f'CREATE UNIQUE INDEX temp."{table}_point" ON "{table}" (point_key)')
     _drop_stages(conn, table)
-    conn.execute(f'DROP TABLE temp."{table}__p"')
-    conn.execute(f'DROP TABLE IF EXISTS temp."{table}__c"')
+    for name in _POINT_TABLES:
+        conn.execute(f'DROP TABLE temp."{table}__{name}"')
     rows = conn.execute(f'SELECT count(*) FROM temp."{table}"').fetchone()[0]
     return FeatureTable(table=table, as_of=as_of, rows=int(rows), rfm=rfm)
 
@@ -633,7 +636,7 @@ def _rfm_parameters(conn: Any, table: str, params: dict[str, Any]) -> dict[str, 
 
 def _drop(conn: Any, table: str) -> None:
     conn.execute(f'DROP TABLE IF EXISTS temp."{table}"')
-    for stage in (*_STAGES, "c", "p"):
+    for stage in (*_STAGES, *_POINT_TABLES):
         conn.execute(f'DROP TABLE IF EXISTS temp."{table}__{stage}"')
 
 

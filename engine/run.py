@@ -133,7 +133,7 @@ def run_playbooks(
         # core). If another command committed meanwhile — another run tagging customers —
         # bring the tags up to date before deciding anything on them.
         if _data_version(store) != seen:
-            facts.refresh_tags()
+            facts.copy_tags()
         return [
             _execute(store, conn, settings, playbook, facts, engine, since)
             for playbook in playbooks
@@ -193,21 +193,14 @@ class RunFacts:
         """Every facts table with a `tags` column."""
         return [self.features.table, *self.event_tables.values()]
 
-    def refresh_tags(self) -> None:
-        """Re-read every customer's tags from the store."""
+    def copy_tags(self, source: str = "main.customers") -> None:
+        """Copy the tags of the customers in `source` (customer_id, tags) — by default
+        the store's, else e.g. a temp table of tags just written — into every facts table."""
         for table in self.tables:
             self.conn.execute(
-                f'UPDATE temp."{table}" SET tags = (SELECT c.tags FROM customers c '
-                f'WHERE c.customer_id = temp."{table}".customer_id)'
-            )
-
-    def write_tags(self, tags: str) -> None:
-        """Copy the tags in temp `tags` (customer_id, tags) into every facts table."""
-        for table in self.tables:
-            self.conn.execute(
-                f'UPDATE temp."{table}" AS f SET tags = (SELECT r.tags FROM temp.{tags} AS r '
+                f'UPDATE temp."{table}" AS f SET tags = (SELECT r.tags FROM {source} AS r '
                 f"WHERE r.customer_id = f.customer_id) WHERE f.customer_id IN "
-                f"(SELECT customer_id FROM temp.{tags})"
+                f"(SELECT customer_id FROM {source})"
             )
 
     def events(self, event: str, start: int) -> str:
@@ -223,37 +216,36 @@ class RunFacts:
         where = "s.ts >= :start AND s.ts < :as_of" + (
             " AND s.type = :type" if source == "events" else ""
         )
-        params = {"start": start, "as_of": as_of, "type": event}
-        # The events never leave SQLite: their points and values are selected into temp
-        # tables directly.
+        # The events never leave SQLite: read once from the store into a temp table,
+        # which their points are then selected from.
+        conn.execute("DROP TABLE IF EXISTS temp.event_values")
+        names = ", ".join(f'"event.{name}"' for name in fields)
+        conn.execute(
+            f"CREATE TEMP TABLE event_values (event_id TEXT PRIMARY KEY, "
+            f"event_ts INTEGER, event_customer TEXT, {names}) WITHOUT ROWID"
+        )
+        values = ", ".join(f.expr for f in fields.values())
+        conn.execute(
+            f"INSERT OR IGNORE INTO temp.event_values SELECT s.{key}, s.ts, s.customer_id, "
+            f"{values} FROM {source} s WHERE {where} ORDER BY s.{key}",
+            {"start": start, "as_of": as_of, "type": event},
+        )
         points = build_point_features(
             self.store,
             self.settings,
             PointsQuery(
-                f"SELECT s.{key} AS key, s.customer_id AS customer_id, s.ts + 1 AS moment "
-                f"FROM {source} s WHERE {where}",
-                params,
+                "SELECT event_id AS key, event_customer AS customer_id, event_ts + 1 AS moment "
+                "FROM temp.event_values",
+                {},
             ),
             self.features.rfm,
             table="event_points",
             base=self.features,
         )
-        conn.execute("DROP TABLE IF EXISTS temp.event_values")
-        names = ", ".join(f'"event.{name}"' for name in fields)
-        conn.execute(
-            f"CREATE TEMP TABLE event_values (event_id TEXT PRIMARY KEY, "
-            f"event_ts INTEGER, {names}) WITHOUT ROWID"
-        )
-        values = ", ".join(f.expr for f in fields.values())
-        conn.execute(
-            f"INSERT OR IGNORE INTO temp.event_values SELECT s.{key}, s.ts, {values} "
-            f"FROM {source} s WHERE {where} ORDER BY s.{key}",
-            params,
-        )
         conn.execute(f'DROP TABLE IF EXISTS temp."{table}"')
         conn.execute(
-            f'CREATE TEMP TABLE "{table}" AS SELECT f.*, v.* FROM temp."{points.table}" f '
-            "JOIN temp.event_values v ON v.event_id = f.point_key"
+            f'CREATE TEMP TABLE "{table}" AS SELECT f.*, v.event_id, v.event_ts, {names} '
+            f'FROM temp."{points.table}" f JOIN temp.event_values v ON v.event_id = f.point_key'
         )
         conn.execute(f'CREATE INDEX temp."{table}_customer" ON "{table}" (customer_id)')
         conn.execute(f'DROP TABLE temp."{points.table}"')
@@ -564,7 +556,7 @@ class _Runner:
             "CREATE TEMP TABLE retagged (customer_id TEXT PRIMARY KEY, tags TEXT) WITHOUT ROWID"
         )
         self.conn.executemany("INSERT INTO temp.retagged VALUES (?, ?)", current.items())
-        self.facts.write_tags("retagged")
+        self.facts.copy_tags("temp.retagged")
         self.tagged.update(current)
 
     def render_messages(self) -> None:
