@@ -88,38 +88,82 @@ FROM temp."{t}__p" p JOIN orders o INDEXED BY orders_customer_ts
   ON o.customer_id = p.customer_id AND o.ts >= p.t AND o.ts < :bt
 GROUP BY p.key
 """
-_POINT_ORDERS = """
-INSERT INTO {into}"{t}__o"
-SELECT p.key, b.n - coalesce(a.n, 0),
-       b.spend + coalesce(br.refunded, 0) - coalesce(a.gross, 0)
-         - coalesce((SELECT refunded FROM {into}"{t}__r" x WHERE x.customer_id = p.key), 0),
-       b.spend90 + coalesce(br.refunded90, 0) - coalesce(a.gross90, 0)
+# Each column of the points' order totals (the `o` stage's columns, in order): the base's
+# value less what is between the point and the base. A point build computes only the
+# columns its features need (`_FEATURE_PARTS`); the others are NULL.
+_POINT_ORDER_PARTS = {
+    "n": "b.n - coalesce(a.n, 0)",
+    "spend": """b.spend + coalesce(br.refunded, 0) - coalesce(a.gross, 0)
+         - coalesce((SELECT refunded FROM {into}"{t}__r" x WHERE x.customer_id = p.key), 0)""",
+    "spend90": """b.spend90 + coalesce(br.refunded90, 0) - coalesce(a.gross90, 0)
          + coalesce((SELECT sum(o.amount_cents) FROM orders o INDEXED BY orders_customer_ts
                      WHERE o.customer_id = p.customer_id AND o.ts >= p.t90
                        AND o.ts < min(p.t, :bt90)), 0)
-         - coalesce((SELECT refunded90 FROM {into}"{t}__r" x WHERE x.customer_id = p.key), 0),
-       b.first_ts,
-       CASE WHEN coalesce(a.n, 0) = 0 THEN b.last_ts
+         - coalesce((SELECT refunded90 FROM {into}"{t}__r" x WHERE x.customer_id = p.key), 0)""",
+    "first_ts": "b.first_ts",
+    "last_ts": """CASE WHEN coalesce(a.n, 0) = 0 THEN b.last_ts
             ELSE (SELECT max(o.ts) FROM orders o INDEXED BY orders_customer_ts
-                  WHERE o.customer_id = p.customer_id AND o.ts < p.t) END AS last_ts,
-       p.today - (CASE WHEN coalesce(a.n, 0) = 0 THEN b.last_ts
+                  WHERE o.customer_id = p.customer_id AND o.ts < p.t) END""",
+    "days": """p.today - (CASE WHEN coalesce(a.n, 0) = 0 THEN b.last_ts
             ELSE (SELECT max(o.ts) FROM orders o INDEXED BY orders_customer_ts
-                  WHERE o.customer_id = p.customer_id AND o.ts < p.t) END + :off) / 86400,
-       p.today - (b.first_ts + :off) / 86400,
-       b.cats - CASE WHEN coalesce(a.n, 0) = 0 THEN 0
+                  WHERE o.customer_id = p.customer_id AND o.ts < p.t) END + :off) / 86400""",
+    "days_first": "p.today - (b.first_ts + :off) / 86400",
+    "cats": """b.cats - CASE WHEN coalesce(a.n, 0) = 0 THEN 0
                      ELSE (SELECT count(*) FROM temp."{t}__c" c
                            WHERE c.customer_id = p.customer_id AND c.first_ts >= p.t)
-                END,
-       b.n30 - coalesce(a.n30, 0)
+                END""",
+    "n30": """b.n30 - coalesce(a.n30, 0)
          + coalesce((SELECT count(*) FROM orders o INDEXED BY orders_customer_ts
                      WHERE o.customer_id = p.customer_id AND o.ts >= p.t30
-                       AND o.ts < min(p.t, :bt30)), 0)
+                       AND o.ts < min(p.t, :bt30)), 0)""",
+}
+_POINT_ORDERS = """
+INSERT INTO {into}"{t}__o"
+SELECT p.key, {columns}
 FROM temp."{t}__p" p
 JOIN temp."{{b}}__o" b ON b.customer_id = p.customer_id
 LEFT JOIN temp."{{b}}__r" br ON br.customer_id = p.customer_id
 LEFT JOIN temp."{t}__a" a ON a.key = p.key
 WHERE b.n - coalesce(a.n, 0) > 0
 """
+# What each computed feature reads in a point build: columns of the order totals above,
+# and "e" for the friend and group events. Refunds are read for the spends, the
+# categories for `cats`, the later orders (`__a`) for any order total.
+_FEATURE_PARTS: dict[str, frozenset[str]] = {
+    name: frozenset(parts.split())
+    for name, parts in {
+        "order_count": "n",
+        "total_spend": "n spend",
+        "first_order_at": "n first_ts",
+        "last_order_at": "n last_ts",
+        "days_since_last_order": "n days",
+        "days_since_first_order": "n days_first",
+        "avg_order_value": "n spend",
+        "distinct_categories": "n cats",
+        "orders_last_30d": "n n30",
+        "spend_last_90d": "n spend90",
+        "is_friend": "e",
+        "in_group": "e",
+        "aipl_stage": "n spend e",
+        "lifecycle": "n days",
+        "rfm_r": "n days",
+        "rfm_f": "n",
+        "rfm_m": "n spend",
+        "rfm_segment": "n spend days",
+    }.items()
+}
+# The customer's own columns: every build has them (deciding and exporting read them).
+CUSTOMER_COLUMNS = (
+    "customer_id",
+    "name",
+    "external_userid",
+    "owner",
+    "phone",
+    "channel",
+    "joined_at",
+    "opted_out",
+    "tags",
+)
 _SOURCES = "'friend.added', 'friend.deleted', 'group.joined', 'group.left'"
 # Categories a point's customer first bought after the point (and before the base) are
 # taken off the base's count: each category's first order, for the customers with orders
@@ -276,18 +320,25 @@ def _parameters(settings: Settings, as_of: int) -> dict[str, Any]:
 
 
 def features_query(
-    settings: Settings, as_of: int, table: str = FEATURE_TABLE, points: bool = False
+    settings: Settings,
+    as_of: int,
+    table: str = FEATURE_TABLE,
+    points: bool = False,
+    needs: frozenset[str] | None = None,
 ) -> tuple[str, dict[str, Any]]:
     """The final statement of the build (and its parameters, less the buyers' statistics).
 
     With `points`, the statement reads a points table (`{table}__p`: key, customer, and
     the moment) instead of every customer at `as_of`, and keys its rows by `point_key`.
+    With `needs`, the rows have the customer's own columns and those features only.
     """
     params = _parameters(settings, as_of)
     moment = "p.t" if points else ":t"
     key = "p.key" if points else "c.customer_id"
     ctes, columns, joins = [], [], []
     for index, feature in enumerate(settings.custom_features):
+        if needs is not None and feature.name not in needs:
+            continue
         alias = f"cf{index}"
         cte_sql, cte_params = _custom_feature_cte(feature, alias, settings, table, points)
         params.update(cte_params)
@@ -313,7 +364,27 @@ def features_query(
         custom_columns="".join(columns),
         custom_joins="".join(joins),
     )
+    if needs is not None:
+        kept = [*(["point_key"] if points else []), *CUSTOMER_COLUMNS]
+        kept += sorted(needs - set(CUSTOMER_COLUMNS))
+        names = ", ".join(f'"{name}"' for name in kept)
+        sql = f"SELECT {names} FROM ({sql})"
     return sql, params
+
+
+def point_parts(settings: Settings, needs: frozenset[str] | None) -> frozenset[str] | None:
+    """The parts of a point build that features `needs` read (see `_FEATURE_PARTS`), or
+    None for all of them: when `needs` is None or names a feature this module does not know."""
+    if needs is None:
+        return None
+    custom = {f.name for f in settings.custom_features}
+    parts: set[str] = set()
+    for name in needs:
+        if name in _FEATURE_PARTS:
+            parts |= _FEATURE_PARTS[name]
+        elif name not in custom and name not in CUSTOMER_COLUMNS:
+            return None
+    return frozenset(parts)
 
 
 def _custom_feature_cte(
@@ -400,6 +471,7 @@ def build_point_features(
     *,
     table: str,
     base: FeatureTable | None = None,
+    needs: frozenset[str] | None = None,
 ) -> FeatureTable:
     """Features of customers each as of their own moment: `points` are (key, customer, as_of).
 
@@ -413,6 +485,10 @@ def build_point_features(
     customers behind them are the ones with long histories.
 
     `points` may be a `PointsQuery`: the points then never leave SQLite.
+
+    With `needs` (feature names), the rows have the customer's own columns and those
+    features only, and only what they read is computed: a rule on an order that asks for
+    `order_count` does not pay for spends, categories or refunds.
     """
     conn = store.conn
     if isinstance(points, PointsQuery):
@@ -422,7 +498,8 @@ def build_point_features(
         as_of = int(latest or 0)
     else:
         as_of = max((moment for _, _, moment in points), default=0)
-    sql, params = features_query(settings, as_of, table, points=True)
+    sql, params = features_query(settings, as_of, table, points=True, needs=needs)
+    parts = point_parts(settings, needs)
     _drop(conn, table)
     _create_stages(conn, table)
     for name, columns in _POINT_TABLES.items():
@@ -445,11 +522,23 @@ def build_point_features(
             ),
         )
     usable = base is not None and base.stages and as_of <= base.as_of
-    orders_sql = _POINT_ORDERS if usable else _ORDERS_SQL
-    if usable:
-        for statement in (_POINT_LATER, _POINT_CATEGORIES):
-            conn.execute(statement.format(t=table), _base_parameters(base))
-    for statement in (_REFUNDS_SQL, orders_sql, _EVENTS_SQL):
+    wanted = set(_POINT_ORDER_PARTS) | {"e"} if parts is None else parts
+    orders = wanted & set(_POINT_ORDER_PARTS)
+    statements = []
+    if usable and orders:
+        statements.append(_POINT_LATER)
+        if "cats" in orders:
+            statements.append(_POINT_CATEGORIES)
+    if orders & {"spend", "spend90"}:
+        statements.append(_REFUNDS_SQL)
+    if orders and usable:
+        exprs = [expr if p in orders else "NULL" for p, expr in _POINT_ORDER_PARTS.items()]
+        statements.append(_POINT_ORDERS.replace("{columns}", ",\n       ".join(exprs)))
+    elif orders:
+        statements.append(_ORDERS_SQL)
+    if "e" in wanted:
+        statements.append(_EVENTS_SQL)
+    for statement in statements:
         conn.execute(
             statement.format(t=table, into="temp.", **_FROM_POINTS).format(
                 t=table, b=base.table if base is not None else ""

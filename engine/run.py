@@ -126,7 +126,7 @@ def run_playbooks(
         features = build_features(store, settings, as_of)
     elif features.as_of != as_of:
         raise ValueError(f"features are as of {features.as_of}, the run as of {as_of}")
-    facts = RunFacts(store, settings, features)
+    facts = RunFacts(store, settings, features, playbooks)
     seen = _data_version(store)
     with store.transaction() as conn:
         # Features are built before the write lock is taken (so the build can use every
@@ -183,10 +183,20 @@ class RunFacts:
     Tag changes made by the run are written through to every table here, so a rule sees
     the tags that earlier rules (of this or an earlier playbook) queued."""
 
-    def __init__(self, store: Store, settings: Settings, features: FeatureTable) -> None:
+    def __init__(
+        self,
+        store: Store,
+        settings: Settings,
+        features: FeatureTable,
+        playbooks: Sequence[Playbook] | None = None,
+    ) -> None:
+        """`playbooks`: the ones the run judges on these facts. An event type's facts then
+        carry only the features those playbooks' rules on it and their templates read
+        (with every playbook unknown, all of them)."""
         self.store, self.settings, self.features = store, settings, features
         self.conn = store.conn
         self.event_tables: dict[tuple[str, int], str] = {}
+        self.needs = None if playbooks is None else event_needs(playbooks)
 
     @property
     def tables(self) -> list[str]:
@@ -241,6 +251,7 @@ class RunFacts:
             self.features.rfm,
             table="event_points",
             base=self.features,
+            needs=None if self.needs is None else self.needs.get(event),
         )
         conn.execute(f'DROP TABLE IF EXISTS temp."{table}"')
         conn.execute(
@@ -252,6 +263,40 @@ class RunFacts:
         conn.execute("DROP TABLE temp.event_values")
         self.event_tables[(event, start)] = table
         return table
+
+
+def event_needs(playbooks: Sequence[Playbook]) -> dict[str, frozenset[str] | None]:
+    """Per event type, the customer features the playbooks' rules on it read — in their
+    conditions or in their playbook's templates — or None when a template reads them all."""
+    needs: dict[str, set[str] | None] = {}
+    for playbook in playbooks:
+        templates = template_customer_fields(playbook)
+        for rule in playbook.rules:
+            if rule.on is None:
+                continue
+            used = set() if rule.when is None else fields_used(rule.when)
+            known = needs.setdefault(rule.on, set())
+            if known is None or templates is None:
+                needs[rule.on] = None
+                continue
+            known |= {name for name in used if not name.startswith("event.")} | templates
+    return {event: None if names is None else frozenset(names) for event, names in needs.items()}
+
+
+def template_customer_fields(playbook: Playbook) -> set[str] | None:
+    """The names the playbook's templates read as `customer.*`; None if one reads the whole
+    `customer` (or cannot be parsed, which validation rules out)."""
+    wanted: set[str] = set()
+    for text in playbook.templates.values():
+        uses = template_variables(text)
+        if isinstance(uses, TemplateProblem):
+            return None
+        for use in uses:
+            if use.root == "customer":
+                if use.attr is None:
+                    return None
+                wanted.add(use.attr)
+    return wanted
 
 
 def _data_version(store: Store) -> int:
@@ -283,7 +328,7 @@ def simulate(
     try:
         with store.transaction() as conn:
             # Fresh event facts: the tables built inside this transaction go with it.
-            facts = RunFacts(store, settings, features)
+            facts = RunFacts(store, settings, features, [playbook])
             result = _execute(store, conn, settings, playbook, facts, engine, since)
             sql = f"SELECT * FROM temp.{DECISIONS}"
             args: list[Any] = []
@@ -620,17 +665,8 @@ class _Runner:
         present = [
             row[1] for row in self.conn.execute(f'PRAGMA temp.table_info("{self.features.table}")')
         ]
-        wanted: set[str] = set()
-        for text in self.playbook.templates.values():
-            uses = template_variables(text)
-            if isinstance(uses, TemplateProblem):  # cannot happen after validation
-                return present
-            for use in uses:
-                if use.root == "customer":
-                    if use.attr is None:
-                        return present
-                    wanted.add(use.attr)
-        return [c for c in present if c in wanted]
+        wanted = template_customer_fields(self.playbook)
+        return present if wanted is None else [c for c in present if c in wanted]
 
     def _context(
         self,

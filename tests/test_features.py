@@ -419,3 +419,54 @@ def test_point_builds_from_a_base_equal_full_builds(
     finally:
         if stepper is not None:
             stepper.close()
+
+
+def _feature_names(settings: Any) -> list[str]:
+    from engine.features import _FEATURE_PARTS
+
+    return sorted(_FEATURE_PARTS) + [f.name for f in settings.custom_features]
+
+
+@settings(max_examples=25, deadline=None)
+@given(data=st.data(), with_base=st.booleans())
+def test_point_builds_of_some_features_equal_those_columns_of_whole_builds(
+    demo_store: Store, data: st.DataObject, with_base: bool
+) -> None:
+    """A point build asked for some features only (`needs`): the customer's own columns and
+    exactly those features, each equal to the whole build's — with or without a base."""
+    from engine.features import CUSTOMER_COLUMNS, build_features, build_point_features
+    from engine.features import iter_features as rows_of
+    from engine.settings import load_settings
+
+    settings_ = load_settings(str(Path(__file__).parent.parent / "docs" / "settings.example.yaml"))
+    names = _feature_names(settings_)
+    assert settings_.custom_features  # the example settings declare some: they are covered
+    needs = frozenset(data.draw(st.lists(st.sampled_from(names), max_size=6)))
+    moment = AS_OF - data.draw(st.integers(min_value=0, max_value=200)) * 86_400
+    base = build_features(demo_store, settings_, AS_OF, table="base") if with_base else None
+    full = build_features(demo_store, settings_, moment, table="at")
+    chosen = sorted(r["customer_id"] for r in rows_of(demo_store, full))[::4]
+    points = [(f"k{c}", c, moment) for c in chosen]
+    whole = build_point_features(demo_store, settings_, points, full.rfm, table="pts", base=base)
+    some = build_point_features(
+        demo_store, settings_, points, full.rfm, table="pts_some", base=base, needs=needs
+    )
+    kept = {"point_key", *CUSTOMER_COLUMNS, *needs}
+    expected = {
+        r["point_key"]: {k: v for k, v in r.items() if k in kept}
+        for r in rows_of(demo_store, whole)
+    }
+    got = {r["point_key"]: r for r in rows_of(demo_store, some)}
+    assert got == expected
+    assert all(set(r) == kept for r in got.values())
+
+
+def test_a_point_build_needing_an_unknown_feature_computes_everything() -> None:
+    from engine.features import _FEATURE_PARTS, _POINT_ORDER_PARTS, point_parts
+
+    settings_ = Settings()
+    assert point_parts(settings_, None) is None
+    assert point_parts(settings_, frozenset({"order_count", "some_future_feature"})) is None
+    assert point_parts(settings_, frozenset({"order_count", "tags"})) == {"n"}
+    everything = frozenset().union(*_FEATURE_PARTS.values())
+    assert everything == {*_POINT_ORDER_PARTS, "e"}

@@ -536,6 +536,64 @@ def test_event_rules_see_features_right_after_each_event(store: Store, tmp_path:
     assert len(actions(store)) == 1
 
 
+def test_event_facts_carry_what_every_playbook_of_the_run_reads(
+    store: Store, tmp_path: Path
+) -> None:
+    """An event type's facts are computed once per run with only the features its rules'
+    conditions and their playbooks' templates read — the union over the run's playbooks."""
+    from engine.run import event_needs
+
+    spend = playbook(
+        tmp_path,
+        """
+templates:
+  spent: "{{ customer.name }}: {{ customer.total_spend }} / {{ customer.lifecycle }}"
+rules:
+  - id: spent
+    on: order.created
+    when: order_count == 2
+    then:
+      - send: {channel: wecom, template: spent}
+""",
+        name="spend",
+    )
+    kinds = playbook(
+        tmp_path,
+        """
+templates:
+  kinds: "{{ customer.distinct_categories }} kinds"
+rules:
+  - id: kinds
+    on: order.created
+    when: is_friend
+    then:
+      - send: {channel: wecom, template: kinds}
+""",
+        name="kinds",
+    )
+    assert event_needs([spend, kinds]) == {
+        "order.created": {
+            "order_count",
+            "name",
+            "total_spend",
+            "lifecycle",
+            "is_friend",
+            "distinct_categories",
+        }
+    }
+    add_customer(store, "1")
+    add_order(store, "1", T0 - 40 * DAY, 100, oid="o1")
+    add_order(store, "1", T0 - 3600, 250, oid="o2")
+    add_order(store, "1", T0 - 600, 50, oid="o3")  # after o2: not in o2's facts
+    run(store, spend, kinds)
+    got = sorted((a["rule_id"], a["trigger"], a["message"]) for a in actions(store))
+    assert got == [
+        ("kinds", "event:o2", "1 kinds"),
+        ("kinds", "event:o3", "1 kinds"),
+        ("spent", "event:o2", "客户1: 350.0 / active"),
+    ]
+
+
 def test_first_run_reads_events_since(store: Store, tmp_path: Path) -> None:
     book = playbook(tmp_path, EVENTS.replace("order_count == 3", "order_count >= 1"))
     add_customer(store, "1")
