@@ -309,7 +309,8 @@ def world(
         rerun_state=rerun_state,
         order=order,
         duration=(first_duration + duration) / 2,
-        commit_times=[(a + b) / 2 for a, b in zip(first_commits, commits, strict=True)],
+        # The shorter of the two: the first run also pays for cold caches.
+        commit_times=[min(a, b) for a, b in zip(first_commits, commits, strict=True)],
     )
 
 
@@ -364,9 +365,11 @@ def test_sigkill_then_rerun_gives_the_reference_queue(world: World, tmp_path: Pa
     reference, order = world.reference, world.order
     trials: list[Trial] = []
     # The run commits once, near its end: kill moments are spread over the run up to
-    # that commit (after it the process only prints its report and exits).
+    # shortly before that commit (after it the process only prints its report and exits;
+    # one run takes ~10% longer or shorter than another, so kills aimed at the last tenth
+    # found the process gone in some runs of this test).
     span = world.commit_times[-1]
-    for number, target in enumerate(kill_targets(span, TRIALS, rng)):
+    for number, target in enumerate(kill_targets(0.9 * span, TRIALS, rng)):
         db = copy_store(world.pristine, tmp_path / f"trial{number}.db")
         trial = run_and_kill(world, db, target)
         with open_store(db) as store:  # the first open after the kill recovers the WAL
