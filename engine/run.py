@@ -180,8 +180,9 @@ class RunFacts:
     and — built once, shared by all the playbooks — each event type's facts (one row per
     event: the customer's features as of right after it, and the event's properties).
 
-    Tag changes made by the run are written through to every table here, so a rule sees
-    the tags that earlier rules (of this or an earlier playbook) queued."""
+    Tag changes made by the run reach every table here before anything reads tags from
+    it (`fresh_tags`), so a rule sees the tags that earlier rules (of this or an earlier
+    playbook) queued; a table nothing reads tags from is not rewritten at all."""
 
     def __init__(
         self,
@@ -197,21 +198,53 @@ class RunFacts:
         self.conn = store.conn
         self.event_tables: dict[tuple[str, int], str] = {}
         self.needs = None if playbooks is None else event_needs(playbooks)
+        # The tags this run wrote are in temp.run_tags, each row with the number of the
+        # write (`seq`); `applied` says up to which write each facts table has them.
+        self.seq = 0
+        self.applied: dict[str, int] = {features.table: 0}
+        self.conn.execute("DROP TABLE IF EXISTS temp.run_tags")
 
     @property
     def tables(self) -> list[str]:
         """Every facts table with a `tags` column."""
         return [self.features.table, *self.event_tables.values()]
 
-    def copy_tags(self, source: str = "main.customers") -> None:
+    def copy_tags(self, source: str = "main.customers", tables: Iterable[str] = ()) -> None:
         """Copy the tags of the customers in `source` (customer_id, tags) — by default
-        the store's, else e.g. a temp table of tags just written — into every facts table."""
-        for table in self.tables:
+        the store's — into `tables` (by default every facts table)."""
+        for table in tables or self.tables:
             self.conn.execute(
                 f'UPDATE temp."{table}" AS f SET tags = (SELECT r.tags FROM {source} AS r '
                 f"WHERE r.customer_id = f.customer_id) WHERE f.customer_id IN "
                 f"(SELECT customer_id FROM {source})"
             )
+
+    def tags_written(self, source: str) -> None:
+        """The run wrote these tags (`source`: customer_id, tags) to the store: every facts
+        table built so far lacks them until `fresh_tags` copies them in."""
+        if not self.seq:
+            self.conn.execute(
+                "CREATE TEMP TABLE run_tags (customer_id TEXT PRIMARY KEY, tags TEXT, "
+                "seq INTEGER) WITHOUT ROWID"
+            )
+        self.seq += 1
+        self.conn.execute(
+            f"INSERT INTO temp.run_tags SELECT customer_id, tags, ? FROM {source} WHERE true "
+            "ON CONFLICT (customer_id) DO UPDATE SET tags = excluded.tags, seq = excluded.seq",
+            (self.seq,),
+        )
+
+    def fresh_tags(self, *tables: str) -> None:
+        """Bring these tables' tags up to date with what the run wrote, before reading them:
+        only the customers retagged since a table was last brought up to date."""
+        for table in tables:
+            applied = self.applied.get(table, self.seq)
+            if applied < self.seq:
+                self.copy_tags(
+                    f"(SELECT customer_id, tags FROM temp.run_tags WHERE seq > {applied})",
+                    [table],
+                )
+                self.applied[table] = self.seq
 
     def events(self, event: str, start: int) -> str:
         """A temp table of one row per `event` in [start, as_of): features right after it."""
@@ -262,6 +295,7 @@ class RunFacts:
         conn.execute(f'DROP TABLE temp."{points.table}"')
         conn.execute("DROP TABLE temp.event_values")
         self.event_tables[(event, start)] = table
+        self.applied[table] = self.seq  # built from the store, which has every tag written
         return table
 
 
@@ -453,6 +487,8 @@ class _Runner:
 
     def _state_candidates(self, rule: Rule) -> int:
         table = self.features.table
+        if _reads_tags(rule):
+            self.facts.fresh_tags(table)
         conn, name, as_of = self.conn, self.playbook.name, self.features.as_of
         conn.execute("DROP TABLE IF EXISTS temp.matched")
         conn.execute("CREATE TEMP TABLE matched (customer_id TEXT PRIMARY KEY) WITHOUT ROWID")
@@ -513,6 +549,8 @@ class _Runner:
     def _event_candidates(self, rule: Rule, start: int) -> int:
         assert rule.on is not None
         table = self._event_facts(rule.on, start)
+        if _reads_tags(rule):
+            self.facts.fresh_tags(table)
         matched: Iterable[str]
         if self.engine == "sql":
             fields = fact_fields(self.catalog, rule.on)
@@ -544,6 +582,8 @@ class _Runner:
                 for r in self.playbook.rules
                 if r.on == on and self._skipped(r) is None
             ]
+            if any(when is not None and "tags" in fields_used(when) for _, when in live):
+                self.facts.fresh_tags(table)
             found: dict[str, set[str]] = {rule_id: set() for rule_id, _ in live}
             facts = ((row[key], row) for row in self._rows(table))
             name = f"{self.playbook.name}.{on or 'state'}"
@@ -551,7 +591,7 @@ class _Runner:
                 found[rule_id].add(fact_key)
             self.durable_matches[on] = found
         matched = set(self.durable_matches[on].get(rule.id, set()))
-        if self.tagged and rule.when is not None and "tags" in fields_used(rule.when):
+        if self.tagged and _reads_tags(rule):
             self._fill_wanted(self.tagged)
             rows = list(self._rows(table, "JOIN temp.wanted w USING (customer_id)"))
             again = self._durable(
@@ -601,7 +641,7 @@ class _Runner:
             "CREATE TEMP TABLE retagged (customer_id TEXT PRIMARY KEY, tags TEXT) WITHOUT ROWID"
         )
         self.conn.executemany("INSERT INTO temp.retagged VALUES (?, ?)", current.items())
-        self.facts.copy_tags("temp.retagged")
+        self.facts.tags_written("temp.retagged")
         self.tagged.update(current)
 
     def render_messages(self) -> None:
@@ -611,7 +651,10 @@ class _Runner:
         for state rules, the features right after the event (and the event) for event
         rules. Only the customer fields the playbook's templates use are read."""
         fixed = ["d.action_id", "d.rule_id", "d.template", "d.coupon", "d.group_name"]
-        picked = fixed + [f'f."{c}"' for c in self._template_columns()]
+        columns = self._template_columns()
+        if "tags" in columns:
+            self.facts.fresh_tags(self.features.table, *self.event_tables.values())
+        picked = fixed + [f'f."{c}"' for c in columns]
         pending = (
             f"FROM temp.{DECISIONS} d {{join}} "
             "WHERE d.status = 'pending' AND d.template IS NOT NULL"
@@ -718,6 +761,10 @@ class _Runner:
 # process for each set of rules, and reused by every later run (a simulation's steps).
 _MATCHERS: dict[tuple[Any, ...], Any] = {}
 MAX_MATCHERS = 512
+
+
+def _reads_tags(rule: Rule) -> bool:
+    return rule.when is not None and "tags" in fields_used(rule.when)
 
 
 def _matcher(name: str, rules: list[tuple[str, Any]], fields: dict[str, Any], tz: Any) -> Any:

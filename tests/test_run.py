@@ -512,6 +512,43 @@ rules:
         ], engine
 
 
+def test_messages_show_tags_queued_earlier_in_the_run(store: Store, tmp_path: Path) -> None:
+    """Tags reach a facts table only when something reads them: a template reading
+    `customer.tags` sees the tags the run queued, in state and in event rules alike."""
+    book = playbook(
+        tmp_path,
+        """
+templates:
+  tags: "{{ customer.tags|join(',') }}"
+rules:
+  - id: mark
+    when: order_count >= 1
+    priority: 1
+    then:
+      - tag: {add: [buyer]}
+  - id: state-message
+    when: order_count >= 1
+    priority: 2
+    then:
+      - send: {channel: wecom, template: tags}
+  - id: event-message
+    on: order.created
+    priority: 3
+    then:
+      - send: {channel: wecom, template: tags}
+""",
+    )
+    for engine in ("sql", "rules"):
+        store.conn.execute("DELETE FROM customers")
+        for table in ("orders", "actions", "rule_state", "event_cursor", "runs"):
+            store.conn.execute(f"DELETE FROM {table}")
+        add_customer(store, "1", tags=("new",))
+        add_order(store, "1", T0 - 3600, 200)
+        run(store, book, engine=engine)
+        got = {a["rule_id"]: a["message"] for a in actions(store) if a["type"] == "send"}
+        assert got == {"state-message": "buyer,new", "event-message": "buyer,new"}, engine
+
+
 EVENTS = """
 templates:
   thanks: "感谢第{{ customer.order_count }}次下单，{{ '%.0f'|format(event.amount) }}元"
