@@ -122,16 +122,17 @@ def run_playbooks(
     if engine not in ENGINES:
         raise UsageError(f"--engine must be one of {', '.join(ENGINES)}, not {engine!r}")
     check_distinct_names(playbooks)
+    seen = _data_version(store)
     if features is None:
         features = build_features(store, settings, as_of)
     elif features.as_of != as_of:
         raise ValueError(f"features are as of {features.as_of}, the run as of {as_of}")
     facts = RunFacts(store, settings, features, playbooks)
-    seen = _data_version(store)
     with store.transaction() as conn:
         # Features are built before the write lock is taken (so the build can use every
-        # core). If another command committed meanwhile — another run tagging customers —
-        # bring the tags up to date before deciding anything on them.
+        # core). If another command committed since the build began (or, for features
+        # handed in, since this call) — another run tagging customers — bring the tags up
+        # to date before deciding anything on them.
         if _data_version(store) != seen:
             facts.copy_tags()
         return [

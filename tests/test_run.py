@@ -549,6 +549,41 @@ rules:
         assert got == {"state-message": "buyer,new", "event-message": "buyer,new"}, engine
 
 
+def test_a_commit_during_the_features_build_is_noticed(
+    store: Store, tmp_path: Path, monkeypatch: Any
+) -> None:
+    """Another command that tags customers and commits while this run builds its features
+    (before it takes the write lock): the run decides on the tags as committed."""
+    import sqlite3
+
+    import engine.run as run_module
+
+    book = playbook(
+        tmp_path,
+        """
+rules:
+  - id: vips
+    when: '"vip" in tags'
+    then:
+      - task: {assign_to: owner, note: vip}
+""",
+    )
+    add_customer(store, "1")
+    real_build = run_module.build_features
+
+    def build_while_another_writer_commits(*args: Any, **kwargs: Any) -> Any:
+        built = real_build(*args, **kwargs)
+        other = sqlite3.connect(store.path)
+        other.execute("""UPDATE customers SET tags = '["vip"]'""")
+        other.commit()
+        other.close()
+        return built
+
+    monkeypatch.setattr(run_module, "build_features", build_while_another_writer_commits)
+    run(store, book)
+    assert [a["rule_id"] for a in actions(store)] == ["vips"]
+
+
 EVENTS = """
 templates:
   thanks: "感谢第{{ customer.order_count }}次下单，{{ '%.0f'|format(event.amount) }}元"
