@@ -660,7 +660,7 @@ def phase_measure(params: Params) -> Figures:
         runs, event_runs = [], []
         for _ in range(BASELINE_REPEAT):
             seconds, pairs, rules = baseline(store, built, playbooks, settings)
-            event_seconds, event_pairs = event_baseline(store, playbooks, settings)
+            event_seconds, event_pairs = event_baseline(store, built, playbooks, settings)
             runs.append(seconds)
             event_runs.append(event_seconds)
         totals = [a + b for a, b in zip(runs, event_runs, strict=True)]
@@ -818,14 +818,17 @@ def baseline(store: Any, built: Any, playbooks: list[Any], settings: Any) -> tup
 
 # The event rules' baseline: over the events a run reads (the day before AS_OF), for each
 # event type with live rules, one query computes the features those rules read, written out
-# by hand as they are right after each event (s: the event's row, c: its customer) into a
-# temp table; each rule then selects its pairs from it with its compiled condition. Only
+# by hand as they are right after each event (s: the event's row, c: its customer, b: its
+# row of the prebuilt features) into a temp table; each rule then selects its pairs from
+# it with its compiled condition. Only
 # what the rules read is computed, once per event type, as the state rules' baseline reads
 # one features table. A rule reading a feature not written out here stops the benchmark.
 _EVENT_FEATURES = {
+    # The prebuilt features (as of AS_OF, read as the state rules' baseline reads them)
+    # less the customer's orders after the event: an index range of that day's orders.
     "order_count": [
-        "(SELECT count(*) FROM orders o WHERE o.customer_id = s.customer_id "
-        "AND o.ts <= s.ts) AS order_count"
+        "b.order_count - (SELECT count(*) FROM orders o WHERE o.customer_id = s.customer_id "
+        "AND o.ts > s.ts AND o.ts < :as_of) AS order_count"
     ],
     "is_friend": [
         "(SELECT max(x.ts) FROM events x WHERE x.customer_id = s.customer_id "
@@ -841,7 +844,9 @@ _EVENT_DERIVED = {
 }
 
 
-def event_baseline(store: Any, playbooks: list[Any], settings: Any) -> tuple[float, dict[str, int]]:
+def event_baseline(
+    store: Any, built: Any, playbooks: list[Any], settings: Any
+) -> tuple[float, dict[str, int]]:
     """Seconds to select every live event rule's matching (customer, event) pairs, and the
     pairs per rule ("playbook/rule")."""
     from engine.catalog import field_catalog, source_fields, source_table
@@ -878,13 +883,14 @@ def event_baseline(store: Any, playbooks: list[Any], settings: Any) -> tuple[flo
                     f"the event rules' baseline has no hand-written SQL for {name!r} "
                     f"(a rule on {event}): add it to _EVENT_FEATURES"
                 )
-        kind = " AND s.type = ?" if source == "events" else ""
+        kind = " AND s.type = :type" if source == "events" else ""
         conn.execute("DROP TABLE IF EXISTS temp.baseline_events")
         conn.execute(
             f"CREATE TEMP TABLE baseline_events AS SELECT {', '.join(outer)} FROM "
             f"(SELECT {', '.join(inner)} FROM {source} s JOIN customers c "
-            f"ON c.customer_id = s.customer_id WHERE s.ts >= ? AND s.ts < ?{kind})",
-            [AS_OF - WINDOW_SECONDS, AS_OF, *([event] if kind else [])],
+            f'ON c.customer_id = s.customer_id JOIN temp."{built.table}" b '
+            f"ON b.customer_id = s.customer_id WHERE s.ts >= :start AND s.ts < :as_of{kind})",
+            {"start": AS_OF - WINDOW_SECONDS, "as_of": AS_OF, "type": event},
         )
         for playbook, rule, tz in rules:
             where, values = condition_sql(rule.when, fact_fields(catalog, event), tz)
