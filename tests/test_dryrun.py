@@ -115,6 +115,26 @@ def test_a_dry_run_equals_a_real_run_on_a_copy(demo: Path, tmp_path: Path) -> No
     assert simulated == real
 
 
+def test_the_scratch_copy_reads_cap_windows_from_an_index(demo: Path) -> None:
+    """A frequency cap counts a customer's actions in a window: in the simulation's copy
+    (whose queue grows step after step) that is an index range, not the whole history."""
+    from engine.decide import LIVE_STATUSES, MESSAGE_KINDS
+
+    plans: list[str] = []
+
+    def check(store: Store, sim: Simulation) -> None:
+        rows = store.conn.execute(
+            "EXPLAIN QUERY PLAN SELECT count(*) FROM main.actions p WHERE "
+            f"p.customer_id = ? AND p.status IN {LIVE_STATUSES} AND p.type IN {MESSAGE_KINDS} "
+            "AND p.channel = ? AND p.scheduled_at > ? AND p.scheduled_at <= ?",
+            ("c", "wecom", 0, 1),
+        ).fetchall()
+        plans.extend(row[-1] for row in rows)
+
+    dry_run(demo, SETTINGS, books(), [DEMO_END - 30 * DAY], inspect=check)
+    assert any("scratch_customer_time" in p and "scheduled_at>?" in p for p in plans), plans
+
+
 def test_steps_equal_live_runs_step_by_step(demo: Path, tmp_path: Path) -> None:
     """The simulation is what running the playbooks live at every step would have done."""
     steps = steps_between(DEMO_END - 60 * DAY, DEMO_END - 15 * DAY, 7 * DAY)
