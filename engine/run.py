@@ -319,8 +319,8 @@ def event_needs(playbooks: Sequence[Playbook]) -> dict[str, frozenset[str] | Non
 
 
 def template_customer_fields(playbook: Playbook) -> set[str] | None:
-    """The names the playbook's templates read as `customer.*`; None if one reads the whole
-    `customer` (or cannot be parsed, which validation rules out)."""
+    """The names the playbook's templates read as `customer.*`; None (every feature) if one
+    reads the whole `customer` or cannot be parsed — both refused by validation."""
     wanted: set[str] = set()
     for text in playbook.templates.values():
         uses = template_variables(text)

@@ -666,6 +666,34 @@ rules:
     ]
 
 
+def test_every_event_type_of_a_playbook_carries_its_templates_fields(tmp_path: Path) -> None:
+    """Messages read the playbook's template fields from each event type's facts (one
+    query per playbook), so each event type a playbook has rules on carries them all."""
+    from engine.run import event_needs
+
+    book = playbook(
+        tmp_path,
+        """
+templates:
+  spend: "{{ customer.total_spend }}"
+rules:
+  - id: big
+    on: order.created
+    when: order_count == 1
+    then:
+      - send: {channel: wecom, template: spend}
+  - id: join
+    on: group.joined
+    then:
+      - task: {assign_to: owner, note: joined}
+""",
+    )
+    assert event_needs([book]) == {
+        "order.created": {"order_count", "total_spend"},
+        "group.joined": {"total_spend"},
+    }
+
+
 def test_first_run_reads_events_since(store: Store, tmp_path: Path) -> None:
     book = playbook(tmp_path, EVENTS.replace("order_count == 3", "order_count >= 1"))
     add_customer(store, "1")
