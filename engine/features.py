@@ -278,7 +278,7 @@ LEFT JOIN temp."{t}__o" o ON o.customer_id = {key}
 LEFT JOIN temp."{t}__e" e ON e.customer_id = {key}{custom_joins}
 WHERE c.joined_at < {T}
    OR (c.joined_at IS NULL AND c.auto_created = 0)
-   OR o.customer_id IS NOT NULL
+   OR {has_orders}
    OR EXISTS (SELECT 1 FROM events x WHERE x.customer_id = c.customer_id AND x.ts < {T})
    OR EXISTS (SELECT 1 FROM refunds x WHERE x.customer_id = c.customer_id AND x.ts < {T})
 """
@@ -363,6 +363,7 @@ def features_query(
         custom_ctes=f"WITH {', '.join(ctes)}" if ctes else "",
         custom_columns="".join(columns),
         custom_joins="".join(joins),
+        has_orders=_has_orders(settings, points, needs, moment),
     )
     if needs is not None:
         kept = [*(["point_key"] if points else []), *CUSTOMER_COLUMNS]
@@ -370,6 +371,17 @@ def features_query(
         names = ", ".join(f'"{name}"' for name in kept)
         sql = f"SELECT {names} FROM ({sql})"
     return sql, params
+
+
+def _has_orders(settings: Settings, points: bool, needs: frozenset[str] | None, moment: str) -> str:
+    """Whether the customer had ordered by the moment: read off the order totals, unless a
+    point build skips them (its features read none), then from the orders themselves."""
+    parts = point_parts(settings, needs) if points else None
+    if parts is None or parts & set(_POINT_ORDER_PARTS):
+        return "o.customer_id IS NOT NULL"
+    return (
+        f"EXISTS (SELECT 1 FROM orders x WHERE x.customer_id = c.customer_id AND x.ts < {moment})"
+    )
 
 
 def point_parts(settings: Settings, needs: frozenset[str] | None) -> frozenset[str] | None:

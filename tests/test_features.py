@@ -333,6 +333,13 @@ def demo_store(tmp_path_factory: pytest.TempPathFactory) -> Any:
             "INSERT INTO refunds SELECT 'rx' || order_id, NULL, customer_id, ts + 3600, 100, "
             "NULL FROM orders WHERE rowid % 23 = 0"
         )
+        # A customer known only from orders (as the orders ingest creates them): no join
+        # date, no events; they exist from their first order on.
+        conn.execute("INSERT INTO customers (customer_id, auto_created) VALUES ('zz-auto', 1)")
+        conn.execute(
+            "INSERT INTO orders SELECT 'za' || order_id, 'zz-auto', ts, amount_cents, "
+            "category, sku, NULL FROM orders WHERE rowid % 97 = 0"
+        )
     yield store
     store.close()
 
@@ -446,7 +453,7 @@ def test_point_builds_of_some_features_equal_those_columns_of_whole_builds(
     base = build_features(demo_store, settings_, AS_OF, table="base") if with_base else None
     full = build_features(demo_store, settings_, moment, table="at")
     chosen = sorted(r["customer_id"] for r in rows_of(demo_store, full))[::4]
-    points = [(f"k{c}", c, moment) for c in chosen]
+    points = [(f"k{c}", c, moment) for c in {*chosen, "zz-auto"}]
     whole = build_point_features(demo_store, settings_, points, full.rfm, table="pts", base=base)
     some = build_point_features(
         demo_store, settings_, points, full.rfm, table="pts_some", base=base, needs=needs

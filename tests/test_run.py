@@ -666,6 +666,39 @@ rules:
     ]
 
 
+def test_an_event_rule_reading_no_order_features_still_sees_order_only_customers(
+    store: Store, tmp_path: Path
+) -> None:
+    """A customer known only from their orders (created by the orders ingest, no join
+    date, no other events) exists as of right after their order, whether or not the rule
+    reads any order feature."""
+    book = playbook(
+        tmp_path,
+        """
+rules:
+  - id: big-order
+    on: order.created
+    when: event.amount >= 100
+    then:
+      - task: {assign_to: owner, note: big}
+  - id: any-order
+    on: order.created
+    then:
+      - task: {assign_to: owner, note: any}
+""",
+    )
+    with store.transaction() as conn:
+        conn.execute(
+            "INSERT INTO customers (customer_id, owner, auto_created) VALUES ('o1', 'staff_li', 1)"
+        )
+    add_order(store, "o1", T0 - 3600, 150, oid="x1")
+    for engine in ("sql", "rules"):
+        store.conn.execute("DELETE FROM actions")
+        store.conn.execute("DELETE FROM event_cursor")
+        run(store, book, engine=engine)
+        assert sorted(a["rule_id"] for a in actions(store)) == ["any-order", "big-order"], engine
+
+
 def test_every_event_type_of_a_playbook_carries_its_templates_fields(tmp_path: Path) -> None:
     """Messages read the playbook's template fields from each event type's facts (one
     query per playbook), so each event type a playbook has rules on carries them all."""
