@@ -596,11 +596,6 @@ def start_watchdog(
     return done
 
 
-def live_state_rules(playbook: Any, settings: Any) -> tuple[Any, list[Any]]:
-    """A playbook's timezone and the state rules a run at AS_OF evaluates (as engine.run)."""
-    return live_rules(playbook, settings, events=False)
-
-
 def live_rules(playbook: Any, settings: Any, *, events: bool) -> tuple[Any, list[Any]]:
     """A playbook's timezone and its state rules (or event rules) a run at AS_OF evaluates."""
     from engine.clock import get_timezone, local_day
@@ -719,21 +714,16 @@ def compare_event_pairs(
 ) -> dict[str, list[int]]:
     """Event rules whose matches in the run differ from the baseline's: {rule: [run,
     baseline]}. Expected only for rules reading tags that the run's earlier rules change."""
-    from engine.conditions.ir import fields_used
+    from engine.run import reads_tags
 
-    reads_tags = {
-        f"{p.name}/{r.id}"
-        for p in playbooks
-        for r in p.rules
-        if r.when is not None and "tags" in fields_used(r.when)
-    }
+    tagged = {f"{p.name}/{r.id}" for p in playbooks for r in p.rules if reads_tags(r)}
     differ = {}
     for result in results:
         for report in result.rules:
             key = f"{result.playbook}/{report.rule_id}"
             if key in baseline_pairs and report.matched != baseline_pairs[key]:
                 differ[key] = [report.matched, baseline_pairs[key]]
-                why = "it reads tags the run changes" if key in reads_tags else "WARNING"
+                why = "it reads tags the run changes" if key in tagged else "WARNING"
                 log(
                     f"  event rule {key}: the run matched {report.matched:,}, the baseline "
                     f"{baseline_pairs[key]:,} ({why})"
@@ -805,7 +795,7 @@ def baseline(store: Any, built: Any, playbooks: list[Any], settings: Any) -> tup
     pairs = rules = 0
     start = time.perf_counter()
     for playbook in playbooks:
-        tz, live = live_state_rules(playbook, settings)
+        tz, live = live_rules(playbook, settings, events=False)
         for rule in live:
             where, values = condition_sql(rule.when, fields, tz)
             matched = store.conn.execute(
@@ -820,9 +810,9 @@ def baseline(store: Any, built: Any, playbooks: list[Any], settings: Any) -> tup
 # event type with live rules, one query computes the features those rules read, written out
 # by hand as they are right after each event (s: the event's row, c: its customer, b: its
 # row of the prebuilt features) into a temp table; each rule then selects its pairs from
-# it with its compiled condition. Only
-# what the rules read is computed, once per event type, as the state rules' baseline reads
-# one features table. A rule reading a feature not written out here stops the benchmark.
+# it with its compiled condition. Only what the rules read is computed, once per event
+# type, as the state rules' baseline reads one features table. A rule reading a feature
+# not written out here stops the benchmark.
 _EVENT_FEATURES = {
     # The prebuilt features (as of AS_OF, read as the state rules' baseline reads them)
     # less the customer's orders after the event: an index range of that day's orders.
@@ -849,7 +839,7 @@ def event_baseline(
 ) -> tuple[float, dict[str, int]]:
     """Seconds to select every live event rule's matching (customer, event) pairs, and the
     pairs per rule ("playbook/rule")."""
-    from engine.catalog import field_catalog, source_fields, source_table
+    from engine.catalog import SOURCE_KEYS, field_catalog, source_fields, source_table
     from engine.conditions.ir import fields_used
     from engine.features import CUSTOMER_COLUMNS
     from engine.match.sql import condition_sql, fact_fields
@@ -865,7 +855,7 @@ def event_baseline(
     start = time.perf_counter()
     for event, rules in by_event.items():
         source = source_table(event)
-        key = {"orders": "order_id", "refunds": "refund_id", "events": "event_id"}[source]
+        key = SOURCE_KEYS[source]
         used = set().union(*(fields_used(r.when) for _, r, _ in rules if r.when is not None))
         inner = [f"s.{key} AS event_id", "s.customer_id"]
         outer = ["*"]
@@ -976,7 +966,7 @@ def phase_durable(params: Params) -> Figures:
     bare: list[tuple[list[str], Callable[..., dict[str, Any]]]] = []  # (rulesets, encoder)
     rules_total = 0
     for playbook in (load_playbook(path, settings) for path in PLAYBOOKS):
-        tz, live = live_state_rules(playbook, settings)
+        tz, live = live_rules(playbook, settings, events=False)
         rules = [(rule.id, rule.when) for rule in live]
         rules_total += len(rules)
         matchers.append(DurableMatcher(f"{playbook.name}.state", rules, catalog, tz))

@@ -147,6 +147,10 @@ _EVENT_PROPS: dict[str, dict[str, FieldType]] = {
 }
 
 
+# Each source table's key column (an event's id in the facts built from it).
+SOURCE_KEYS = {"orders": "order_id", "refunds": "refund_id", "events": "event_id"}
+
+
 def source_table(source: str) -> str:
     """The store table that holds `source` (orders, refunds, or an event type)."""
     if source in ("orders", ORDER_EVENT):

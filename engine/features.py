@@ -325,12 +325,15 @@ def features_query(
     table: str = FEATURE_TABLE,
     points: bool = False,
     needs: frozenset[str] | None = None,
+    orders_read: bool = True,
 ) -> tuple[str, dict[str, Any]]:
     """The final statement of the build (and its parameters, less the buyers' statistics).
 
     With `points`, the statement reads a points table (`{table}__p`: key, customer, and
     the moment) instead of every customer at `as_of`, and keys its rows by `point_key`.
     With `needs`, the rows have the customer's own columns and those features only.
+    `orders_read=False`: the order totals were skipped (a point build whose features read
+    none), so whether the customer had ordered by the moment is read from the orders.
     """
     params = _parameters(settings, as_of)
     moment = "p.t" if points else ":t"
@@ -363,7 +366,10 @@ def features_query(
         custom_ctes=f"WITH {', '.join(ctes)}" if ctes else "",
         custom_columns="".join(columns),
         custom_joins="".join(joins),
-        has_orders=_has_orders(settings, points, needs, moment),
+        has_orders="o.customer_id IS NOT NULL"
+        if orders_read
+        else f"EXISTS (SELECT 1 FROM orders x WHERE x.customer_id = c.customer_id "
+        f"AND x.ts < {moment})",
     )
     if needs is not None:
         kept = [*(["point_key"] if points else []), *CUSTOMER_COLUMNS]
@@ -371,17 +377,6 @@ def features_query(
         names = ", ".join(f'"{name}"' for name in kept)
         sql = f"SELECT {names} FROM ({sql})"
     return sql, params
-
-
-def _has_orders(settings: Settings, points: bool, needs: frozenset[str] | None, moment: str) -> str:
-    """Whether the customer had ordered by the moment: read off the order totals, unless a
-    point build skips them (its features read none), then from the orders themselves."""
-    parts = point_parts(settings, needs) if points else None
-    if parts is None or parts & set(_POINT_ORDER_PARTS):
-        return "o.customer_id IS NOT NULL"
-    return (
-        f"EXISTS (SELECT 1 FROM orders x WHERE x.customer_id = c.customer_id AND x.ts < {moment})"
-    )
 
 
 def point_parts(settings: Settings, needs: frozenset[str] | None) -> frozenset[str] | None:
@@ -510,8 +505,12 @@ def build_point_features(
         as_of = int(latest or 0)
     else:
         as_of = max((moment for _, _, moment in points), default=0)
-    sql, params = features_query(settings, as_of, table, points=True, needs=needs)
     parts = point_parts(settings, needs)
+    wanted = set(_POINT_ORDER_PARTS) | {"e"} if parts is None else parts
+    orders = wanted & set(_POINT_ORDER_PARTS)
+    sql, params = features_query(
+        settings, as_of, table, points=True, needs=needs, orders_read=bool(orders)
+    )
     _drop(conn, table)
     _create_stages(conn, table)
     for name, columns in _POINT_TABLES.items():
@@ -534,8 +533,6 @@ def build_point_features(
             ),
         )
     usable = base is not None and base.stages and as_of <= base.as_of
-    wanted = set(_POINT_ORDER_PARTS) | {"e"} if parts is None else parts
-    orders = wanted & set(_POINT_ORDER_PARTS)
     statements = []
     if usable and orders:
         statements.append(_POINT_LATER)

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.catalog import field_catalog, source_fields, source_table
+from engine.catalog import SOURCE_KEYS, field_catalog, source_fields, source_table
 from engine.clock import DAY, get_timezone, local_day
 from engine.conditions.ir import fields_used
 from engine.decide import CANDIDATES, DECISIONS, REASONS, RunDecider
@@ -210,10 +210,12 @@ class RunFacts:
         """Every facts table with a `tags` column."""
         return [self.features.table, *self.event_tables.values()]
 
-    def copy_tags(self, source: str = "main.customers", tables: Iterable[str] = ()) -> None:
+    def copy_tags(
+        self, source: str = "main.customers", tables: Sequence[str] | None = None
+    ) -> None:
         """Copy the tags of the customers in `source` (customer_id, tags) — by default
         the store's — into `tables` (by default every facts table)."""
-        for table in tables or self.tables:
+        for table in self.tables if tables is None else tables:
             self.conn.execute(
                 f'UPDATE temp."{table}" AS f SET tags = (SELECT r.tags FROM {source} AS r '
                 f"WHERE r.customer_id = f.customer_id) WHERE f.customer_id IN "
@@ -256,7 +258,7 @@ class RunFacts:
         table = f"{EVENT_FACTS}_{len(self.event_tables)}"
         fields = source_fields(event)
         source = source_table(event)
-        key = {"orders": "order_id", "refunds": "refund_id", "events": "event_id"}[source]
+        key = SOURCE_KEYS[source]
         where = "s.ts >= :start AND s.ts < :as_of" + (
             " AND s.type = :type" if source == "events" else ""
         )
@@ -488,7 +490,7 @@ class _Runner:
 
     def _state_candidates(self, rule: Rule) -> int:
         table = self.features.table
-        if _reads_tags(rule):
+        if reads_tags(rule):
             self.facts.fresh_tags(table)
         conn, name, as_of = self.conn, self.playbook.name, self.features.as_of
         conn.execute("DROP TABLE IF EXISTS temp.matched")
@@ -550,7 +552,7 @@ class _Runner:
     def _event_candidates(self, rule: Rule, start: int) -> int:
         assert rule.on is not None
         table = self._event_facts(rule.on, start)
-        if _reads_tags(rule):
+        if reads_tags(rule):
             self.facts.fresh_tags(table)
         matched: Iterable[str]
         if self.engine == "sql":
@@ -578,13 +580,10 @@ class _Runner:
         tags is matched again for the rows of customers this run has re-tagged."""
         on = rule.on
         if on not in self.durable_matches:
-            live = [
-                (r.id, r.when)
-                for r in self.playbook.rules
-                if r.on == on and self._skipped(r) is None
-            ]
-            if any(when is not None and "tags" in fields_used(when) for _, when in live):
+            rules = [r for r in self.playbook.rules if r.on == on and self._skipped(r) is None]
+            if any(reads_tags(r) for r in rules):
                 self.facts.fresh_tags(table)
+            live = [(r.id, r.when) for r in rules]
             found: dict[str, set[str]] = {rule_id: set() for rule_id, _ in live}
             facts = ((row[key], row) for row in self._rows(table))
             name = f"{self.playbook.name}.{on or 'state'}"
@@ -592,7 +591,7 @@ class _Runner:
                 found[rule_id].add(fact_key)
             self.durable_matches[on] = found
         matched = set(self.durable_matches[on].get(rule.id, set()))
-        if self.tagged and _reads_tags(rule):
+        if self.tagged and reads_tags(rule):
             self._fill_wanted(self.tagged)
             rows = list(self._rows(table, "JOIN temp.wanted w USING (customer_id)"))
             again = self._durable(
@@ -764,7 +763,8 @@ _MATCHERS: dict[tuple[Any, ...], Any] = {}
 MAX_MATCHERS = 512
 
 
-def _reads_tags(rule: Rule) -> bool:
+def reads_tags(rule: Rule) -> bool:
+    """Whether the rule's condition reads the customer's tags."""
     return rule.when is not None and "tags" in fields_used(rule.when)
 
 

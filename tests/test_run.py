@@ -75,6 +75,12 @@ def actions(store: Store, **where: Any) -> list[dict[str, Any]]:
     return [dict(zip(names, row, strict=True)) for row in cursor]
 
 
+def empty(store: Store) -> None:
+    """Forget every customer, order and run (a test trying each engine in turn)."""
+    for table in ("customers", "orders", "actions", "rule_state", "event_cursor", "runs"):
+        store.conn.execute(f"DELETE FROM {table}")
+
+
 def run(store: Store, *books: Playbook, at: int = T0, engine: str = "sql") -> Any:
     return run_playbooks(store, SETTINGS, list(books), as_of=at, engine=engine)
 
@@ -495,9 +501,7 @@ rules:
         name="b",
     )
     for engine in ("sql", "rules", "auto"):
-        store.conn.execute("DELETE FROM customers")
-        for table in ("orders", "actions", "rule_state", "event_cursor", "runs"):
-            store.conn.execute(f"DELETE FROM {table}")
+        empty(store)
         add_customer(store, "1")
         add_order(store, "1", T0 - 3600, 200)
         run(store, first, second, engine=engine)
@@ -539,9 +543,7 @@ rules:
 """,
     )
     for engine in ("sql", "rules"):
-        store.conn.execute("DELETE FROM customers")
-        for table in ("orders", "actions", "rule_state", "event_cursor", "runs"):
-            store.conn.execute(f"DELETE FROM {table}")
+        empty(store)
         add_customer(store, "1", tags=("new",))
         add_order(store, "1", T0 - 3600, 200)
         run(store, book, engine=engine)
