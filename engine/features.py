@@ -16,6 +16,7 @@ import sqlite3
 import tempfile
 import threading
 from collections.abc import Iterator, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,23 +49,40 @@ SELECT {key_f}, sum(f.amount_cents),
        sum(CASE WHEN coalesce(po.ts, f.ts) >= {t90} THEN f.amount_cents ELSE 0 END)
 {from_refunds}
 """
+# Each column of the order totals (the `o` stage's columns, in order). Net spend folds in
+# the refunds (looked up once per customer) so that later stages read one narrow table. A
+# point build computes only the columns its features need (`_FEATURE_PARTS`); the others
+# are NULL.
+_ORDER_PARTS = {
+    "n": "count(*)",
+    "spend": """sum(orders.amount_cents) - coalesce((SELECT refunded FROM {into}"{t}__r" x
+                                            WHERE x.customer_id = {key_o}), 0)""",
+    "spend90": """sum(CASE WHEN orders.ts >= {t90} THEN orders.amount_cents ELSE 0 END)
+         - coalesce((SELECT refunded90 FROM {into}"{t}__r" x
+                     WHERE x.customer_id = {key_o}), 0)""",
+    "first_ts": "min(orders.ts)",
+    "last_ts": "max(orders.ts)",
+    "days": "{today} - (max(orders.ts) + :off) / 86400",
+    "days_first": "{today} - (min(orders.ts) + :off) / 86400",
+    "cats": "count(DISTINCT orders.category)",
+    "n30": "sum(orders.ts >= {t30})",
+}
 # Orders: one sequential scan and a sort by customer beats walking the (customer, ts) index
-# and fetching every row from the table at random. Net spend folds in the refunds (looked
-# up once per customer) so that later stages read one narrow table.
+# and fetching every row from the table at random.
 _ORDERS_SQL = """
 INSERT INTO {into}"{t}__o"
-SELECT {key_o}, count(*),
-       sum(orders.amount_cents) - coalesce((SELECT refunded FROM {into}"{t}__r" x
-                                            WHERE x.customer_id = {key_o}), 0),
-       sum(CASE WHEN orders.ts >= {t90} THEN orders.amount_cents ELSE 0 END)
-         - coalesce((SELECT refunded90 FROM {into}"{t}__r" x
-                     WHERE x.customer_id = {key_o}), 0),
-       min(orders.ts), max(orders.ts),
-       {today} - (max(orders.ts) + :off) / 86400,
-       {today} - (min(orders.ts) + :off) / 86400,
-       count(DISTINCT orders.category), sum(orders.ts >= {t30})
+SELECT {key_o}, {columns}
 {from_orders}
 """
+
+
+def _order_columns(parts: dict[str, str], wanted: AbstractSet[str] | None = None) -> str:
+    """The `o` stage's columns: those `wanted` (default all) computed, the others NULL."""
+    return ",\n       ".join(
+        expr if wanted is None or part in wanted else "NULL" for part, expr in parts.items()
+    )
+
+
 # Events: the (customer, type, ts) index covers the query, so no sort at all.
 _EVENTS_SQL = """
 INSERT INTO {into}"{t}__e"
@@ -86,11 +104,10 @@ SELECT p.key, p.customer_id, count(*), sum(o.amount_cents),
        sum(o.ts >= max(p.t30, :bt30))
 FROM temp."{t}__p" p JOIN orders o INDEXED BY orders_customer_ts
   ON o.customer_id = p.customer_id AND o.ts >= p.t AND o.ts < :bt
-GROUP BY p.key
+GROUP BY p.customer_id, p.key
 """
-# Each column of the points' order totals (the `o` stage's columns, in order): the base's
-# value less what is between the point and the base. A point build computes only the
-# columns its features need (`_FEATURE_PARTS`); the others are NULL.
+# Each column of the points' order totals (as `_ORDER_PARTS`): the base's value less what
+# is between the point and the base.
 _POINT_ORDER_PARTS = {
     "n": "b.n - coalesce(a.n, 0)",
     "spend": """b.spend + coalesce(br.refunded, 0) - coalesce(a.gross, 0)
@@ -178,8 +195,8 @@ GROUP BY o.customer_id, o.category
 """
 # The points' own tables: the points, their later orders, their customers' categories.
 _POINT_TABLES = {
-    "p": "key TEXT PRIMARY KEY, customer_id TEXT, t INTEGER, t30 INTEGER, t90 INTEGER, "
-    "today INTEGER",
+    "p": "key TEXT NOT NULL UNIQUE, customer_id TEXT NOT NULL, t INTEGER, t30 INTEGER, "
+    "t90 INTEGER, today INTEGER, PRIMARY KEY (customer_id, key)",
     "a": "key TEXT PRIMARY KEY, customer_id TEXT, n INTEGER, gross INTEGER, "
     "gross90 INTEGER, n30 INTEGER",
     "c": "customer_id TEXT, category TEXT, first_ts INTEGER, PRIMARY KEY (customer_id, category)",
@@ -208,12 +225,12 @@ _FROM_POINTS = {
     "key_e": "p.key",
     "from_refunds": 'FROM temp."{t}__p" p JOIN refunds AS f ON f.customer_id = p.customer_id '
     "AND f.ts < p.t LEFT JOIN orders AS po ON po.order_id = f.order_id "
-    "GROUP BY p.key",
+    "GROUP BY p.customer_id, p.key",
     "from_orders": 'FROM temp."{t}__p" p JOIN orders AS orders INDEXED BY orders_customer_ts '
-    "ON orders.customer_id = p.customer_id AND orders.ts < p.t GROUP BY p.key",
+    "ON orders.customer_id = p.customer_id AND orders.ts < p.t GROUP BY p.customer_id, p.key",
     "from_events": 'FROM temp."{t}__p" p JOIN events AS ev INDEXED BY events_customer_type_ts '
     f"ON ev.customer_id = p.customer_id AND ev.type IN ({_SOURCES}) "
-    "AND ev.ts < p.t GROUP BY p.key",
+    "AND ev.ts < p.t GROUP BY p.customer_id, p.key",
     "t90": "p.t90",
     "t30": "p.t30",
     "today": "p.today",
@@ -430,7 +447,7 @@ def _custom_feature_cte(
         sql = (
             f'  SELECT p.key AS customer_id, {value} AS v{extra}\n  FROM temp."{table}__p" p '
             f"JOIN {source} s ON s.customer_id = p.customer_id\n"
-            f"  WHERE {' AND '.join(where)}\n  GROUP BY p.key"
+            f"  WHERE {' AND '.join(where)}\n  GROUP BY p.customer_id, p.key"
         )
     else:
         sql = (
@@ -541,10 +558,11 @@ def build_point_features(
     if orders & {"spend", "spend90"}:
         statements.append(_REFUNDS_SQL)
     if orders and usable:
-        exprs = [expr if p in orders else "NULL" for p, expr in _POINT_ORDER_PARTS.items()]
-        statements.append(_POINT_ORDERS.replace("{columns}", ",\n       ".join(exprs)))
+        statements.append(
+            _POINT_ORDERS.replace("{columns}", _order_columns(_POINT_ORDER_PARTS, orders))
+        )
     elif orders:
-        statements.append(_ORDERS_SQL)
+        statements.append(_ORDERS_SQL.replace("{columns}", _order_columns(_ORDER_PARTS, orders)))
     if "e" in wanted:
         statements.append(_EVENTS_SQL)
     for statement in statements:
@@ -606,7 +624,8 @@ def _aggregate(
             ("e", "ev.customer_id"),
         )
     }
-    for statement in (_REFUNDS_SQL, _ORDERS_SQL, _EVENTS_SQL):
+    orders = _ORDERS_SQL.replace("{columns}", _order_columns(_ORDER_PARTS))
+    for statement in (_REFUNDS_SQL, orders, _EVENTS_SQL):
         sql = statement.format(t=table, into=into, **_FROM_ALL)
         conn.execute(sql.format(src=src, **ranges), {**params, "lo": lo, "hi": hi})
 

@@ -22,19 +22,13 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.catalog import SOURCE_KEYS, field_catalog, source_fields, source_table
+from engine.catalog import field_catalog, source_fields
 from engine.clock import DAY, get_timezone, local_day
 from engine.conditions.ir import fields_used
 from engine.decide import CANDIDATES, DECISIONS, REASONS, RunDecider
 from engine.errors import UsageError
-from engine.features import (
-    FeatureTable,
-    PointsQuery,
-    build_features,
-    build_point_features,
-    decode_rows,
-    decode_value,
-)
+from engine.event_facts import EventPrefetch, build_event_facts, worth_prefetching
+from engine.features import FeatureTable, build_features, decode_rows, decode_value
 from engine.match.sql import condition_sql, fact_fields, match_sql
 from engine.playbook.model import Playbook, Rule
 from engine.playbook.templates import TemplateProblem, render, template_variables
@@ -128,17 +122,62 @@ def run_playbooks(
     elif features.as_of != as_of:
         raise ValueError(f"features are as of {features.as_of}, the run as of {as_of}")
     facts = RunFacts(store, settings, features, playbooks)
-    with store.transaction() as conn:
-        # Features are built before the write lock is taken (so the build can use every
-        # core). If another command committed since the build began (or, for features
-        # handed in, since this call) — another run tagging customers — bring the tags up
-        # to date before deciding anything on them.
-        if _data_version(store) != seen:
-            facts.copy_tags()
-        return [
-            _execute(store, conn, settings, playbook, facts, engine, since)
-            for playbook in playbooks
-        ]
+    try:
+        with store.transaction() as conn:
+            # Features are built before the write lock is taken (so the build can use every
+            # core). If another command committed since the build began (or, for features
+            # handed in, since this call) — another run tagging customers — bring the tags
+            # up to date before deciding anything on them.
+            if _data_version(store) != seen:
+                facts.copy_tags()
+            facts.prefetch_events(event_keys(conn, settings, playbooks, as_of, since))
+            return [
+                _execute(store, conn, settings, playbook, facts, engine, since)
+                for playbook in playbooks
+            ]
+    finally:
+        facts.close()
+
+
+def event_keys(
+    conn: Any, settings: Settings, playbooks: Sequence[Playbook], as_of: int, since: int | None
+) -> list[tuple[str, int]]:
+    """The (event type, start) of the event facts a run of `playbooks` will read, in the
+    order it will first read them."""
+    keys: dict[tuple[str, int], None] = {}
+    for playbook in playbooks:
+        start = event_start(conn, playbook, as_of, since)
+        tz = playbook_tz(playbook, settings)
+        for rule in sorted(playbook.rules, key=lambda r: r.priority):
+            if rule.on is not None and skip_reason(rule, as_of, tz) is None:
+                keys[(rule.on, start)] = None
+    return list(keys)
+
+
+def event_start(conn: Any, playbook: Playbook, as_of: int, since: int | None) -> int:
+    """Since when a run of `playbook` reads events: where its previous run stopped; on its
+    first run `since`, by default a day before `as_of`."""
+    cursor = conn.execute(
+        "SELECT until FROM event_cursor WHERE playbook = ?", (playbook.name,)
+    ).fetchone()
+    return int(cursor[0]) if cursor else (since if since is not None else as_of - DEFAULT_SINCE)
+
+
+def playbook_tz(playbook: Playbook, settings: Settings) -> Any:
+    """The timezone a playbook's dates and quiet hours are read in."""
+    return settings.tz if playbook.timezone is None else get_timezone(playbook.timezone)
+
+
+def skip_reason(rule: Rule, as_of: int, tz: Any) -> str | None:
+    """Why a rule does not run at `as_of` (disabled, not started, ended), or None."""
+    if not rule.enabled:
+        return "disabled"
+    day = local_day(as_of, tz).isoformat()
+    if rule.start and day < rule.start:
+        return f"starts {rule.start}"
+    if rule.end and day > rule.end:
+        return f"ended {rule.end}"
+    return None
 
 
 def write_tag_changes(
@@ -203,6 +242,7 @@ class RunFacts:
         # write (`seq`); `applied` says up to which write each facts table has them.
         self.seq = 0
         self.applied: dict[str, int] = {features.table: 0}
+        self.prefetch: EventPrefetch | None = None
         self.conn.execute("DROP TABLE IF EXISTS temp.run_tags")
 
     @property
@@ -254,52 +294,38 @@ class RunFacts:
         known = self.event_tables.get((event, start))
         if known is not None:
             return known
-        conn, as_of = self.conn, self.features.as_of
         table = f"{EVENT_FACTS}_{len(self.event_tables)}"
-        fields = source_fields(event)
-        source = source_table(event)
-        key = SOURCE_KEYS[source]
-        where = "s.ts >= :start AND s.ts < :as_of" + (
-            " AND s.type = :type" if source == "events" else ""
-        )
-        # The events never leave SQLite: read once from the store into a temp table,
-        # which their points are then selected from.
-        conn.execute("DROP TABLE IF EXISTS temp.event_values")
-        names = ", ".join(f'"event.{name}"' for name in fields)
-        conn.execute(
-            f"CREATE TEMP TABLE event_values (event_id TEXT PRIMARY KEY, "
-            f"event_ts INTEGER, event_customer TEXT, {names}) WITHOUT ROWID"
-        )
-        values = ", ".join(f.expr for f in fields.values())
-        conn.execute(
-            f"INSERT OR IGNORE INTO temp.event_values SELECT s.{key}, s.ts, s.customer_id, "
-            f"{values} FROM {source} s WHERE {where} ORDER BY s.{key}",
-            {"start": start, "as_of": as_of, "type": event},
-        )
-        points = build_point_features(
-            self.store,
-            self.settings,
-            PointsQuery(
-                "SELECT event_id AS key, event_customer AS customer_id, event_ts + 1 AS moment "
-                "FROM temp.event_values",
-                {},
-            ),
-            self.features.rfm,
-            table="event_points",
-            base=self.features,
-            needs=None if self.needs is None else self.needs.get(event),
-        )
-        conn.execute(f'DROP TABLE IF EXISTS temp."{table}"')
-        conn.execute(
-            f'CREATE TEMP TABLE "{table}" AS SELECT f.*, v.event_id, v.event_ts, {names} '
-            f'FROM temp."{points.table}" f JOIN temp.event_values v ON v.event_id = f.point_key'
-        )
-        conn.execute(f'CREATE INDEX temp."{table}_customer" ON "{table}" (customer_id)')
-        conn.execute(f'DROP TABLE temp."{points.table}"')
-        conn.execute("DROP TABLE temp.event_values")
+        if self.prefetch is not None and self.prefetch.take(self.conn, (event, start), table):
+            applied = 0  # built from the committed store: none of the run's tags yet
+        else:
+            build_event_facts(
+                self.store,
+                self.settings,
+                self.features,
+                event,
+                start,
+                table,
+                needs=None if self.needs is None else self.needs.get(event),
+            )
+            applied = self.seq  # built from the store, which has every tag written
+        self.conn.execute(f'CREATE INDEX temp."{table}_customer" ON "{table}" (customer_id)')
         self.event_tables[(event, start)] = table
-        self.applied[table] = self.seq  # built from the store, which has every tag written
+        self.applied[table] = applied
         return table
+
+    def prefetch_events(self, keys: Sequence[tuple[str, int]]) -> None:
+        """Have these (event type, start) facts built on another core, in this order, if
+        worth it. Call inside the run's transaction; `close` after it."""
+        if worth_prefetching(self.store, keys, self.features.as_of):
+            self.prefetch = EventPrefetch(
+                self.store, self.settings, self.features, keys, self.needs
+            )
+
+    def close(self) -> None:
+        """Stop and clear away prefetching (after the run's transaction)."""
+        if self.prefetch is not None:
+            self.prefetch.close(self.conn)
+            self.prefetch = None
 
 
 def event_needs(playbooks: Sequence[Playbook]) -> dict[str, frozenset[str] | None]:
@@ -392,12 +418,9 @@ def _execute(
     since: int | None,
 ) -> RunResult:
     as_of = facts.features.as_of
-    tz = settings.tz if playbook.timezone is None else get_timezone(playbook.timezone)
+    tz = playbook_tz(playbook, settings)
     run_id = uuid.uuid4().hex
-    cursor = conn.execute(
-        "SELECT until FROM event_cursor WHERE playbook = ?", (playbook.name,)
-    ).fetchone()
-    start = cursor[0] if cursor else (since if since is not None else as_of - DEFAULT_SINCE)
+    start = event_start(conn, playbook, as_of, since)
     conn.execute(
         "INSERT INTO runs (run_id, playbook, version, content_hash, as_of, since, "
         "engine, started_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -477,14 +500,7 @@ class _Runner:
         )
 
     def _skipped(self, rule: Rule) -> str | None:
-        if not rule.enabled:
-            return "disabled"
-        day = local_day(self.features.as_of, self.tz).isoformat()
-        if rule.start and day < rule.start:
-            return f"starts {rule.start}"
-        if rule.end and day > rule.end:
-            return f"ended {rule.end}"
-        return None
+        return skip_reason(rule, self.features.as_of, self.tz)
 
     # -- state rules ---------------------------------------------------------------------
 

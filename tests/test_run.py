@@ -7,8 +7,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 from click.testing import CliRunner
 
+import engine.event_facts as event_facts
+import engine.run as run_module
 from engine.cli import cli
 from engine.clock import DAY, parse_as_of
 from engine.decide import bucket, cap_window, next_allowed
@@ -83,6 +86,34 @@ def empty(store: Store) -> None:
 
 def run(store: Store, *books: Playbook, at: int = T0, engine: str = "sql") -> Any:
     return run_playbooks(store, SETTINGS, list(books), as_of=at, engine=engine)
+
+
+class Prefetch:
+    """Whether a test's runs prefetch event facts on another connection, and how many
+    tables the runs took from it (so a prefetching test cannot pass without it)."""
+
+    def __init__(self, on: bool) -> None:
+        self.on, self.taken = on, 0
+
+
+@pytest.fixture(params=[False, True], ids=["serial", "prefetch"])
+def prefetch(request: Any, monkeypatch: Any) -> Prefetch:
+    """Event facts built by the run itself, or prefetched (forced, however few events)."""
+    state = Prefetch(request.param)
+    if not state.on:
+        monkeypatch.setattr(run_module, "worth_prefetching", lambda *args: False)
+        return state
+    monkeypatch.setattr(event_facts, "PREFETCH_MIN_EVENTS", 0)
+    monkeypatch.setattr(event_facts.os, "cpu_count", lambda: 2)
+    take = event_facts.EventPrefetch.take
+
+    def counted(self: Any, *args: Any) -> bool:
+        taken = take(self, *args)
+        state.taken += taken
+        return taken
+
+    monkeypatch.setattr(event_facts.EventPrefetch, "take", counted)
+    return state
 
 
 SPENDER = """
@@ -450,9 +481,13 @@ rules:
     assert store.conn.execute("SELECT tags FROM customers").fetchone()[0] == '["vip"]'
 
 
-def test_event_rules_see_tags_queued_earlier_in_the_run(store: Store, tmp_path: Path) -> None:
+def test_event_rules_see_tags_queued_earlier_in_the_run(
+    store: Store, tmp_path: Path, prefetch: Prefetch
+) -> None:
     """Event facts are built once per run and shared; tags queued after they were built
-    (by a later rule of the same playbook, or by an earlier playbook) must still count."""
+    (by a later rule of the same playbook, or by an earlier playbook) must still count —
+    and so must tags queued before they were built, when they were built (prefetched) from
+    the store as committed before the run."""
     first = playbook(
         tmp_path,
         """
@@ -500,11 +535,36 @@ rules:
 """,
         name="b",
     )
+    # Tags first, then the playbook's first event rule: its facts are built after the tag.
+    third = playbook(
+        tmp_path,
+        """
+rules:
+  - id: mark
+    when: total_spend > 100
+    priority: 1
+    then:
+      - tag: {add: [early]}
+  - id: early-order
+    on: message.replied
+    when: '"early" in tags'
+    priority: 2
+    then:
+      - task: {assign_to: owner, note: tagged before the facts}
+""",
+        name="c",
+    )
     for engine in ("sql", "rules", "auto"):
         empty(store)
+        store.conn.execute("DELETE FROM events")
         add_customer(store, "1")
         add_order(store, "1", T0 - 3600, 200)
-        run(store, first, second, engine=engine)
+        store.conn.execute(
+            "INSERT INTO events (event_id, customer_id, type, ts, props) "
+            "VALUES ('e1', '1', 'message.replied', ?, '{}')",
+            (T0 - 1800,),
+        )
+        run(store, first, second, third, engine=engine)
         got = sorted((a["playbook"], a["rule_id"]) for a in actions(store))
         assert got == [
             ("a", "any-order"),
@@ -513,10 +573,15 @@ rules:
             ("b", "late"),
             ("b", "late-order"),
             ("b", "tagged-order"),
+            ("c", "early-order"),
+            ("c", "mark"),
         ], engine
+    assert bool(prefetch.taken) == prefetch.on
 
 
-def test_messages_show_tags_queued_earlier_in_the_run(store: Store, tmp_path: Path) -> None:
+def test_messages_show_tags_queued_earlier_in_the_run(
+    store: Store, tmp_path: Path, prefetch: Prefetch
+) -> None:
     """Tags reach a facts table only when something reads them: a template reading
     `customer.tags` sees the tags the run queued, in state and in event rules alike."""
     book = playbook(
@@ -549,6 +614,7 @@ rules:
         run(store, book, engine=engine)
         got = {a["rule_id"]: a["message"] for a in actions(store) if a["type"] == "send"}
         assert got == {"state-message": "buyer,new", "event-message": "buyer,new"}, engine
+    assert bool(prefetch.taken) == prefetch.on
 
 
 def test_a_commit_during_the_features_build_is_noticed(
@@ -823,36 +889,134 @@ def test_every_example_rule_fires_on_demo_data(store: Store) -> None:
     assert missing == []
 
 
-def test_every_engine_queues_the_same_actions(tmp_path: Path) -> None:
-    """SQL, durable-rules, and the default split agree on the whole queue, message by message."""
-    import shutil
+DEMO_END = parse_as_of("2026-11-01", SHANGHAI)
+# What a run leaves in the store: the queue (message by message), rule state, tags, cursors.
+RUN_STATE = (
+    "SELECT action_id, rule_id, status, reason, detail, message, scheduled_at FROM actions",
+    "SELECT * FROM rule_state",
+    "SELECT customer_id, tags FROM customers",
+    "SELECT * FROM event_cursor",
+)
 
+
+def demo_store(tmp_path: Path, customers: int, seed: int) -> tuple[Path, list[Playbook]]:
+    """A demo store ending at DEMO_END, and the example playbooks."""
     from engine.demo import generate_demo
     from engine.store import open_store
 
-    end = parse_as_of("2026-11-01", SHANGHAI)
     pristine = tmp_path / "pristine.db"
     with open_store(pristine) as store:
-        generate_demo(store, customers=1500, seed=9, end=end, tz=SHANGHAI)
+        generate_demo(store, customers=customers, seed=seed, end=DEMO_END, tz=SHANGHAI)
     root = Path(__file__).parent.parent / "playbooks"
-    books = [load_playbook(p, SETTINGS) for p in sorted(root.glob("*.yaml"))]
-    queues = {}
-    for engine in ("sql", "rules", "auto"):
-        copy = tmp_path / f"{engine}.db"
-        shutil.copy(pristine, copy)
-        with open_store(copy) as store:
-            for day in range(3):
-                run_playbooks(
-                    store,
-                    SETTINGS,
-                    books,
-                    as_of=end + day * DAY + 10 * 3600,
-                    engine=engine,
-                    since=end - 7 * DAY,
-                )
-            queues[engine] = sorted(
-                store.conn.execute(
-                    "SELECT action_id, status, reason, detail, message, scheduled_at FROM actions"
-                )
+    return pristine, [load_playbook(p, SETTINGS) for p in sorted(root.glob("*.yaml"))]
+
+
+def three_days(pristine: Path, copy: Path, books: list[Playbook], engine: str) -> list[Any]:
+    """Run the playbooks daily for three days on a copy of `pristine`; the RUN_STATE."""
+    import shutil
+
+    from engine.store import open_store
+
+    shutil.copy(pristine, copy)
+    with open_store(copy) as store:
+        for day in range(3):
+            run_playbooks(
+                store,
+                SETTINGS,
+                books,
+                as_of=DEMO_END + day * DAY + 10 * 3600,
+                engine=engine,
+                since=DEMO_END - 7 * DAY,
             )
-    assert queues["sql"] and queues["sql"] == queues["rules"] == queues["auto"]
+        return [sorted(store.conn.execute(sql)) for sql in RUN_STATE]
+
+
+def test_every_engine_queues_the_same_actions(tmp_path: Path) -> None:
+    """SQL, durable-rules, and the default split agree on the whole queue, message by
+    message, and on the rule state, tags and event cursors they leave."""
+    pristine, books = demo_store(tmp_path, 1500, 9)
+    states = {
+        engine: three_days(pristine, tmp_path / f"{engine}.db", books, engine)
+        for engine in ("sql", "rules", "auto")
+    }
+    assert states["sql"][0] and states["sql"] == states["rules"] == states["auto"]
+
+
+def test_prefetched_event_facts_queue_what_the_run_builds_itself(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """Event facts prefetched on another connection (forced) or built by the run itself:
+    the same queue, message by message, the same rule state, tags and event cursors."""
+    pristine, books = demo_store(tmp_path, 1200, 11)
+    monkeypatch.setattr(event_facts.os, "cpu_count", lambda: 2)
+    prefetched: list[int] = []
+    take = event_facts.EventPrefetch.take
+    monkeypatch.setattr(
+        event_facts.EventPrefetch,
+        "take",
+        lambda self, *args: prefetched.append(1) or take(self, *args),
+    )
+    states = {}
+    for minimum in (0, 10**9):  # always / never
+        monkeypatch.setattr(event_facts, "PREFETCH_MIN_EVENTS", minimum)
+        states[minimum] = three_days(pristine, tmp_path / f"min{minimum}.db", books, "auto")
+        assert bool(prefetched) == (minimum == 0), "prefetched facts taken or not as forced"
+        prefetched.clear()
+    assert states[0][0] and states[0] == states[10**9]
+
+
+def test_prefetch_failures_and_run_failures_leave_nothing_behind(
+    store: Store, tmp_path: Path, monkeypatch: Any
+) -> None:
+    """A prefetch that fails fails the run (nothing written); a run that fails stops the
+    prefetch. Either way no thread, attached file or scratch directory is left over."""
+    import tempfile
+    import threading
+
+    monkeypatch.setattr(event_facts, "PREFETCH_MIN_EVENTS", 0)
+    monkeypatch.setattr(event_facts.os, "cpu_count", lambda: 2)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    book = playbook(
+        tmp_path,
+        """
+rules:
+  - id: any-order
+    on: order.created
+    then:
+      - task: {assign_to: owner, note: look}
+""",
+    )
+    add_customer(store, "1")
+    add_order(store, "1", T0 - 3600, 200)
+    build = event_facts.build_event_facts
+
+    def failing(*args: Any, **kwargs: Any) -> None:
+        if not kwargs.get("base", True):  # the prefetching connection's builds
+            raise RuntimeError("disk full")
+        build(*args, **kwargs)
+
+    def left_over() -> list[Any]:
+        attached = [r[1] for r in store.conn.execute("PRAGMA database_list")]
+        threads = [t.name for t in threading.enumerate() if t.name == "event-facts"]
+        return (
+            [a for a in attached if a not in ("main", "temp")] + threads + list(scratch.iterdir())
+        )
+
+    def broken(*args: Any) -> None:
+        raise RuntimeError("render failed")
+
+    for module, name, replacement, message in (
+        (event_facts, "build_event_facts", failing, "disk full"),
+        (run_module, "_execute", broken, "render failed"),
+    ):
+        with monkeypatch.context() as patch:
+            patch.setattr(module, name, replacement)
+            with pytest.raises(RuntimeError, match=message):
+                run(store, book)
+        assert actions(store) == [] and store.count("runs") == 0
+        assert left_over() == []
+    run(store, book)  # and then the run goes through, prefetching
+    assert [a["rule_id"] for a in actions(store)] == ["any-order"]
+    assert left_over() == []

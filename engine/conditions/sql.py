@@ -70,6 +70,15 @@ def epoch_seconds(value: date, tz: tzinfo) -> int:
     return int(moment.replace(tzinfo=tz).timestamp())
 
 
+def _reads_list(cond: Condition) -> bool:
+    """Whether evaluating ``cond`` scans a list (``contains``)."""
+    if isinstance(cond, And | Or):
+        return any(_reads_list(item) for item in cond.items)
+    if isinstance(cond, Not):
+        return _reads_list(cond.item)
+    return isinstance(cond, Contains)
+
+
 class _Compiler:
     def __init__(self, fields: Mapping[str, SqlField], tz: tzinfo, params: list[object]) -> None:
         self.fields = fields
@@ -79,7 +88,11 @@ class _Compiler:
     def compile(self, cond: Condition) -> str:
         if isinstance(cond, And | Or):
             joiner = " AND " if isinstance(cond, And) else " OR "
-            return "(" + joiner.join(self.compile(item) for item in cond.items) + ")"
+            # SQLite evaluates AND / OR left to right and stops once the answer is known;
+            # list membership (a json_each scan per row) goes after plain column tests.
+            # Both connectives are commutative in three-valued logic: the result is the same.
+            items = sorted(cond.items, key=_reads_list)
+            return "(" + joiner.join(self.compile(item) for item in items) + ")"
         if isinstance(cond, Not):
             return f"(NOT {self.compile(cond.item)})"
         expr = self.fields[cond.field.name].expr
