@@ -106,8 +106,15 @@ def count_events(conn: sqlite3.Connection, event: str, start: int, as_of: int) -
 
 
 def worth_prefetching(store: Store, keys: Sequence[Key], as_of: int) -> bool:
-    """A second core, a store on disk, and enough events to pay for the second connection."""
+    """A second core, enough events to pay for a second connection, and a store on disk in
+    write-ahead-log mode (the live store always is): there a reader never waits for the
+    run's write transaction, nor the run for it. (With a rollback journal the run, needing
+    the file to itself to spill pages or commit, could wait for a reader that waits for it.)
+    """
     if min(os.cpu_count() or 1, MAX_WORKERS) < 2 or store.path == ":memory:" or not keys:
+        return False
+    (mode,) = store.conn.execute("PRAGMA journal_mode").fetchone()
+    if str(mode).lower() != "wal":
         return False
     total = 0
     for event, start in keys:

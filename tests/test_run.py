@@ -1020,3 +1020,17 @@ rules:
     run(store, book)  # and then the run goes through, prefetching
     assert [a["rule_id"] for a in actions(store)] == ["any-order"]
     assert left_over() == []
+
+
+def test_no_prefetch_on_a_store_with_a_rollback_journal(store: Store, monkeypatch: Any) -> None:
+    """Only a store in WAL mode is read by a second connection during the run: with a
+    rollback journal (a dry run's scratch copy) the two could wait for each other."""
+    monkeypatch.setattr(event_facts, "PREFETCH_MIN_EVENTS", 0)
+    monkeypatch.setattr(event_facts.os, "cpu_count", lambda: 2)
+    keys = [("order.created", T0 - DAY)]
+    assert event_facts.worth_prefetching(store, keys, T0)
+    store.conn.execute("PRAGMA journal_mode = MEMORY")
+    assert not event_facts.worth_prefetching(store, keys, T0)
+    monkeypatch.setattr(event_facts.os, "cpu_count", lambda: 1)
+    store.conn.execute("PRAGMA journal_mode = WAL")
+    assert not event_facts.worth_prefetching(store, keys, T0)
