@@ -196,9 +196,13 @@ class RunDecider:
             conn.execute(
                 f"UPDATE temp.{CANDIDATES} SET rule_reason = 'cooldown', rule_detail = "
                 "'fired within the last ' || :cooldown_text WHERE rule_reason IS NULL AND "
-                "EXISTS (SELECT 1 FROM main.actions a WHERE a.playbook = :playbook AND "
-                "a.rule_id = :rule AND a.customer_id = candidates.customer_id AND "
-                "a.status != 'suppressed' AND a.decided_at > :as_of - :cooldown)",
+                # An action is scheduled when decided or later (quiet hours): the ones
+                # decided within the cooldown are in that span of the customer's index.
+                "EXISTS (SELECT 1 FROM main.actions a WHERE "
+                "a.customer_id = candidates.customer_id AND "
+                "a.scheduled_at > :as_of - :cooldown AND a.decided_at > :as_of - :cooldown "
+                "AND a.playbook = :playbook AND a.rule_id = :rule AND "
+                "a.status != 'suppressed')",
                 {
                     **params,
                     "cooldown": rule.cooldown_seconds,

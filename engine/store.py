@@ -20,7 +20,7 @@ import sqlite_utils
 from engine.errors import StoreError
 
 DEFAULT_DB = "playbook.db"
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 CACHE_KIB = 256 * 1024
 
 # Event types the store understands. Orders and refunds have their own tables (they
@@ -225,6 +225,15 @@ _MIGRATIONS: dict[int, list[str]] = {
             disabled_at INTEGER NOT NULL,
             reason TEXT NOT NULL
         )""",
+    ],
+    # A customer's actions by scheduled time: frequency caps count the messages scheduled in
+    # their window, cooldowns look for the rule's actions decided (so scheduled: never
+    # earlier) within the cooldown, `explain` reads one customer's. Caps then read the
+    # window, not the customer's whole history, and the index is a third of the width of
+    # (customer, playbook, rule, decided): every queued action writes it.
+    5: [
+        "DROP INDEX IF EXISTS actions_customer",
+        "CREATE INDEX actions_customer_scheduled ON actions (customer_id, scheduled_at)",
     ],
 }
 

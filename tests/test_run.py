@@ -928,6 +928,9 @@ def three_days(pristine: Path, copy: Path, books: list[Playbook], engine: str) -
                 engine=engine,
                 since=DEMO_END - 7 * DAY,
             )
+        # Cooldowns find a rule's recent actions by scheduled time: never before decided.
+        early = "SELECT count(*) FROM actions WHERE scheduled_at < decided_at"
+        assert store.conn.execute(early).fetchone()[0] == 0
         return [sorted(store.conn.execute(sql)) for sql in RUN_STATE]
 
 

@@ -97,7 +97,7 @@ def test_a_schema_1_store_is_migrated_forward_keeping_its_data(tmp_path: Path) -
     with pytest.raises(StoreError, match="run any writing command"):
         open_store(path, readonly=True)
     with open_store(path) as store:
-        assert store.schema_version() == SCHEMA_VERSION == 4
+        assert store.schema_version() == SCHEMA_VERSION == 5
         assert store.count("customers") == 1
         assert store.count("actions") == 0
         assert store.count("export_batches") == 0
@@ -110,7 +110,7 @@ def test_a_schema_2_store_gets_the_schema_3_indexes(tmp_path: Path) -> None:
         conn.execute("INSERT INTO orders VALUES ('o1', 'c1', 10, 100, 'skincare', 's', NULL)")
     conn.close()
     with open_store(path) as store:
-        assert store.schema_version() == 4
+        assert store.schema_version() == SCHEMA_VERSION
         indexes = dict(
             store.conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'index'")
         )
@@ -148,3 +148,16 @@ def test_page_cache_holds_the_cache_size_for_a_block_and_restores_it(tmp_path: P
         with pytest.raises(RuntimeError), store.page_cache(2048):
             raise RuntimeError("boom")
         assert store.conn.execute("PRAGMA cache_size").fetchone()[0] == before
+
+
+def test_a_schema_4_queue_gets_the_customer_schedule_index(tmp_path: Path) -> None:
+    """Caps and cooldowns read a customer's actions by scheduled time (schema 5)."""
+    path = tmp_path / "v4.db"
+    store_at_version(path, 4)
+    with open_store(path) as store:
+        assert store.schema_version() == 5
+        indexes = dict(
+            store.conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'index'")
+        )
+        assert "actions_customer" not in indexes
+        assert "(customer_id, scheduled_at)" in indexes["actions_customer_scheduled"]
