@@ -14,7 +14,7 @@ import os
 import sqlite3
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from engine.catalog import SOURCE_KEYS, source_fields, source_table
@@ -31,6 +31,8 @@ PREFETCH_MAX_TYPES = 8
 PREFETCH_CACHE_KIB = 64 * 1024
 
 Key = tuple[str, int]  # (event type, start)
+# Per event type, the features its rules and templates read (None: all); None: all for all.
+Needs = Mapping[str, frozenset[str] | None] | None
 
 
 def build_event_facts(
@@ -41,23 +43,21 @@ def build_event_facts(
     start: int,
     table: str,
     *,
-    needs: frozenset[str] | None,
+    needs: Needs,
     base: bool = True,
 ) -> None:
     """Create temp.`table`: one row per `event` in [start, features.as_of), with the
     event's properties (`event.*`, `event_id`, `event_ts`) and its customer's features as
-    of right after it (only `needs` of them, when given; see `build_point_features`).
+    of right after it (only those `needs` names for the event type; see
+    `build_point_features`).
 
     `base`: use `features` (a full build with its stages) for the order totals, instead of
     summing each customer's whole history — faster, but only on the connection that has
     `features`."""
     conn, as_of = store.conn, features.as_of
     fields = source_fields(event)
-    source = source_table(event)
+    source, where = _event_rows(event)
     key = SOURCE_KEYS[source]
-    where = "s.ts >= :start AND s.ts < :as_of" + (
-        " AND s.type = :type" if source == "events" else ""
-    )
     # The events never leave SQLite: read once from the store into a temp table, which
     # their points are then selected from.
     conn.execute("DROP TABLE IF EXISTS temp.event_values")
@@ -83,7 +83,7 @@ def build_event_facts(
         features.rfm,
         table="event_points",
         base=features if base else None,
-        needs=needs,
+        needs=None if needs is None else needs.get(event),
     )
     conn.execute(f'DROP TABLE IF EXISTS temp."{table}"')
     conn.execute(
@@ -94,15 +94,19 @@ def build_event_facts(
     conn.execute("DROP TABLE temp.event_values")
 
 
+def _event_rows(event: str) -> tuple[str, str]:
+    """The store table holding `event`s and the condition selecting those in
+    [:start, :as_of) (aliased `s`; the parameters also carry :type)."""
+    source = source_table(event)
+    where = "s.ts >= :start AND s.ts < :as_of"
+    return source, where + (" AND s.type = :type" if source == "events" else "")
+
+
 def count_events(conn: sqlite3.Connection, event: str, start: int, as_of: int) -> int:
     """How many `event`s the store has in [start, as_of) (read from the ts indexes)."""
-    source = source_table(event)
-    sql = f"SELECT count(*) FROM {source} WHERE ts >= ? AND ts < ?"
-    args: tuple[object, ...] = (start, as_of)
-    if source == "events":
-        sql = "SELECT count(*) FROM events WHERE type = ? AND ts >= ? AND ts < ?"
-        args = (event, start, as_of)
-    return int(conn.execute(sql, args).fetchone()[0])
+    source, where = _event_rows(event)
+    sql = f"SELECT count(*) FROM {source} s WHERE {where}"
+    return int(conn.execute(sql, {"start": start, "as_of": as_of, "type": event}).fetchone()[0])
 
 
 def worth_prefetching(store: Store, keys: Sequence[Key], as_of: int) -> bool:
@@ -142,7 +146,7 @@ class EventPrefetch:
         settings: Settings,
         features: FeatureTable,
         keys: Sequence[Key],
-        needs: dict[str, frozenset[str] | None] | None,
+        needs: Needs,
     ) -> None:
         self.path, self.settings, self.features = store.path, settings, features
         self.needs = needs
@@ -166,21 +170,16 @@ class EventPrefetch:
                 if self.stopping.is_set():
                     return
                 self.worker = open_store(self.path, readonly=True)
-            worker = self.worker
-            worker.conn.execute(f"PRAGMA cache_size = -{PREFETCH_CACHE_KIB}")
+            self.worker.conn.execute(f"PRAGMA cache_size = -{PREFETCH_CACHE_KIB}")
             for key, path in self.files.items():
                 if self.stopping.is_set():
                     return
-                try:
-                    self._build(worker, key, path)
-                except BaseException as exc:  # handed to the run by `take`
-                    self.errors[key] = exc
-                    return
-                finally:
-                    self.ready[key].set()
-        except BaseException as exc:
+                self._build(self.worker, key, path)
+                self.ready[key].set()
+        except BaseException as exc:  # handed to the run by `take`
             for key in self.files:
-                self.errors.setdefault(key, exc)
+                if not self.ready[key].is_set():
+                    self.errors[key] = exc
         finally:
             for event in self.ready.values():
                 event.set()
@@ -191,9 +190,15 @@ class EventPrefetch:
 
     def _build(self, worker: Store, key: Key, path: Path) -> None:
         event, start = key
-        needs = None if self.needs is None else self.needs.get(event)
         build_event_facts(
-            worker, self.settings, self.features, event, start, "facts", needs=needs, base=False
+            worker,
+            self.settings,
+            self.features,
+            event,
+            start,
+            "facts",
+            needs=self.needs,
+            base=False,
         )
         conn = worker.conn
         conn.execute("ATTACH DATABASE ? AS out", (str(path),))
@@ -215,8 +220,6 @@ class EventPrefetch:
         error = self.errors.get(key)
         if error is not None:
             raise error
-        if not path.exists():  # stopped before it got to this one
-            return False
         alias = f"prefetched{len(self.attached)}"
         conn.execute(f"ATTACH DATABASE ? AS {alias}", (f"{path.as_uri()}?mode=ro",))
         self.attached.append(alias)

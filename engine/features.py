@@ -551,18 +551,17 @@ def build_point_features(
         )
     usable = base is not None and base.stages and as_of <= base.as_of
     statements = []
-    if usable and orders:
-        statements.append(_POINT_LATER)
-        if "cats" in orders:
-            statements.append(_POINT_CATEGORIES)
-    if orders & {"spend", "spend90"}:
-        statements.append(_REFUNDS_SQL)
-    if orders and usable:
-        statements.append(
-            _POINT_ORDERS.replace("{columns}", _order_columns(_POINT_ORDER_PARTS, orders))
+    if orders:
+        if usable:
+            statements.append(_POINT_LATER)
+            if "cats" in orders:
+                statements.append(_POINT_CATEGORIES)
+        if orders & {"spend", "spend90"}:
+            statements.append(_REFUNDS_SQL)
+        template, order_parts = (
+            (_POINT_ORDERS, _POINT_ORDER_PARTS) if usable else (_ORDERS_SQL, _ORDER_PARTS)
         )
-    elif orders:
-        statements.append(_ORDERS_SQL.replace("{columns}", _order_columns(_ORDER_PARTS, orders)))
+        statements.append(template.replace("{columns}", _order_columns(order_parts, orders)))
     if "e" in wanted:
         statements.append(_EVENTS_SQL)
     for statement in statements:

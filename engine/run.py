@@ -305,7 +305,7 @@ class RunFacts:
                 event,
                 start,
                 table,
-                needs=None if self.needs is None else self.needs.get(event),
+                needs=self.needs,
             )
             applied = self.seq  # built from the store, which has every tag written
         self.conn.execute(f'CREATE INDEX temp."{table}_customer" ON "{table}" (customer_id)')

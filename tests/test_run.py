@@ -88,32 +88,37 @@ def run(store: Store, *books: Playbook, at: int = T0, engine: str = "sql") -> An
     return run_playbooks(store, SETTINGS, list(books), as_of=at, engine=engine)
 
 
-class Prefetch:
-    """Whether a test's runs prefetch event facts on another connection, and how many
-    tables the runs took from it (so a prefetching test cannot pass without it)."""
+def force_prefetch(monkeypatch: Any, on: bool = True) -> list[bool]:
+    """Prefetch event facts however few there are (`on`), or never; returns the list the
+    runs' `take` calls append their answers to (so a prefetching test cannot pass without
+    taking prefetched facts)."""
+    if not on:
+        monkeypatch.setattr(run_module, "worth_prefetching", lambda *args: False)
+        return []
+    monkeypatch.setattr(event_facts, "PREFETCH_MIN_EVENTS", 0)
+    monkeypatch.setattr(event_facts.os, "cpu_count", lambda: 2)
+    taken: list[bool] = []
+    take = event_facts.EventPrefetch.take
 
-    def __init__(self, on: bool) -> None:
-        self.on, self.taken = on, 0
+    def recorded(self: Any, *args: Any) -> bool:
+        taken.append(take(self, *args))
+        return taken[-1]
+
+    monkeypatch.setattr(event_facts.EventPrefetch, "take", recorded)
+    return taken
+
+
+class Prefetch:
+    """Whether a test's runs prefetch event facts, and what their `take` calls answered."""
+
+    def __init__(self, on: bool, taken: list[bool]) -> None:
+        self.on, self.taken = on, taken
 
 
 @pytest.fixture(params=[False, True], ids=["serial", "prefetch"])
 def prefetch(request: Any, monkeypatch: Any) -> Prefetch:
     """Event facts built by the run itself, or prefetched (forced, however few events)."""
-    state = Prefetch(request.param)
-    if not state.on:
-        monkeypatch.setattr(run_module, "worth_prefetching", lambda *args: False)
-        return state
-    monkeypatch.setattr(event_facts, "PREFETCH_MIN_EVENTS", 0)
-    monkeypatch.setattr(event_facts.os, "cpu_count", lambda: 2)
-    take = event_facts.EventPrefetch.take
-
-    def counted(self: Any, *args: Any) -> bool:
-        taken = take(self, *args)
-        state.taken += taken
-        return taken
-
-    monkeypatch.setattr(event_facts.EventPrefetch, "take", counted)
-    return state
+    return Prefetch(request.param, force_prefetch(monkeypatch, request.param))
 
 
 SPENDER = """
@@ -576,7 +581,7 @@ rules:
             ("c", "early-order"),
             ("c", "mark"),
         ], engine
-    assert bool(prefetch.taken) == prefetch.on
+    assert any(prefetch.taken) == prefetch.on
 
 
 def test_messages_show_tags_queued_earlier_in_the_run(
@@ -614,7 +619,7 @@ rules:
         run(store, book, engine=engine)
         got = {a["rule_id"]: a["message"] for a in actions(store) if a["type"] == "send"}
         assert got == {"state-message": "buyer,new", "event-message": "buyer,new"}, engine
-    assert bool(prefetch.taken) == prefetch.on
+    assert any(prefetch.taken) == prefetch.on
 
 
 def test_a_commit_during_the_features_build_is_noticed(
@@ -951,21 +956,13 @@ def test_prefetched_event_facts_queue_what_the_run_builds_itself(
     """Event facts prefetched on another connection (forced) or built by the run itself:
     the same queue, message by message, the same rule state, tags and event cursors."""
     pristine, books = demo_store(tmp_path, 1200, 11)
-    monkeypatch.setattr(event_facts.os, "cpu_count", lambda: 2)
-    prefetched: list[int] = []
-    take = event_facts.EventPrefetch.take
-    monkeypatch.setattr(
-        event_facts.EventPrefetch,
-        "take",
-        lambda self, *args: prefetched.append(1) or take(self, *args),
-    )
     states = {}
-    for minimum in (0, 10**9):  # always / never
-        monkeypatch.setattr(event_facts, "PREFETCH_MIN_EVENTS", minimum)
-        states[minimum] = three_days(pristine, tmp_path / f"min{minimum}.db", books, "auto")
-        assert bool(prefetched) == (minimum == 0), "prefetched facts taken or not as forced"
-        prefetched.clear()
-    assert states[0][0] and states[0] == states[10**9]
+    for on in (True, False):
+        with monkeypatch.context() as patch:
+            taken = force_prefetch(patch, on)
+            states[on] = three_days(pristine, tmp_path / f"prefetch-{on}.db", books, "auto")
+        assert any(taken) == on, "prefetched facts taken or not as forced"
+    assert states[True][0] and states[True] == states[False]
 
 
 def test_prefetch_failures_and_run_failures_leave_nothing_behind(
@@ -976,8 +973,7 @@ def test_prefetch_failures_and_run_failures_leave_nothing_behind(
     import tempfile
     import threading
 
-    monkeypatch.setattr(event_facts, "PREFETCH_MIN_EVENTS", 0)
-    monkeypatch.setattr(event_facts.os, "cpu_count", lambda: 2)
+    force_prefetch(monkeypatch)
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
@@ -1028,8 +1024,7 @@ rules:
 def test_no_prefetch_on_a_store_with_a_rollback_journal(store: Store, monkeypatch: Any) -> None:
     """Only a store in WAL mode is read by a second connection during the run: with a
     rollback journal (a dry run's scratch copy) the two could wait for each other."""
-    monkeypatch.setattr(event_facts, "PREFETCH_MIN_EVENTS", 0)
-    monkeypatch.setattr(event_facts.os, "cpu_count", lambda: 2)
+    force_prefetch(monkeypatch)
     keys = [("order.created", T0 - DAY)]
     assert event_facts.worth_prefetching(store, keys, T0)
     store.conn.execute("PRAGMA journal_mode = MEMORY")
