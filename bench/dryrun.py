@@ -44,6 +44,7 @@ import argparse
 import hashlib
 import json
 import statistics
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -85,6 +86,7 @@ DEFAULT_TIME_LIMIT = 1800.0
 ORDERS_PER_CUSTOMER = 10  # 1M orders at 100k customers
 LOG_FIRST_STEPS = 3
 LOG_LAST_STEPS = 2
+AHEAD = "second core: "  # parts run by the simulation's lookahead thread
 
 
 def main() -> None:
@@ -230,10 +232,14 @@ def report_measure(result: Figures) -> None:
             f"{label}: {result['seconds']:.2f}s end to end for {result['steps']} step(s); "
             f"{result['queued']:,} queued, {result['matched']:,} matched"
         )
-    log(f"  parts: {fmt_parts(result['parts_s'], nested=False)}")
-    nested = fmt_parts(result["parts_s"], nested=True)
+    parts = result["parts_s"]
+    log(f"  parts: {fmt_parts({k: v for k, v in parts.items() if not k.startswith(AHEAD)})}")
+    nested = fmt_parts(parts, nested=True)
     if nested:
         log(f"  inside run_playbooks: {nested}")
+    ahead = {k.removeprefix(AHEAD): v for k, v in parts.items() if k.startswith(AHEAD)}
+    if ahead:
+        log(f"  meanwhile on the second core (lookahead): {fmt_parts(ahead)}")
     per_step = result["per_step"]
     if len(per_step["features_s"]) > 1:
         later = [
@@ -254,7 +260,7 @@ def report_measure(result: Figures) -> None:
     log(f"  peak RSS {result['peak_rss_mib']} MiB (VmHWM {result['vm_hwm_mib']} MiB)")
 
 
-def fmt_parts(parts: dict[str, float], nested: bool) -> str:
+def fmt_parts(parts: dict[str, float], nested: bool = False) -> str:
     chosen = {k: v for k, v in parts.items() if k.startswith("run_playbooks > ") == nested}
     if nested:  # they finish inner first: by name, so "event facts: <type>" follow the total
         chosen = dict(sorted(chosen.items()))
@@ -423,6 +429,7 @@ def phase_schema(params: Params) -> Figures:
 def phase_measure(params: Params) -> Figures:
     """One `dry_run` end to end, its parts timed by wrapping the library's functions."""
     import engine.dryrun as dryrun_module
+    import engine.lookahead as lookahead_module
     import engine.run as run_module
     from engine.clock import format_epoch
     from engine.features import FeatureStepper
@@ -495,17 +502,50 @@ def phase_measure(params: Params) -> Figures:
     real_forget, real_step = dryrun_module._forget_the_future, dryrun_module._step
     dryrun_module._forget_the_future = forget
     dryrun_module._step = step
-    FeatureStepper.advance = timed(
-        "features (stepped)", FeatureStepper.advance, per_step["features_s"]
+
+    def here_or_ahead(name: str, func: Callable[..., Any]) -> Any:
+        """A part of the thread it runs on: the simulation's, or the lookahead's (named
+        "second core: ...", overlapping the simulation's parts: not in their sum)."""
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            ahead = threading.current_thread().name == "lookahead"
+            with watch.part(f"{AHEAD}{name}" if ahead else name):
+                return func(*args, **kwargs)
+
+        return wrapper
+
+    def per_step_only(func: Callable[..., Any]) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            began = time.perf_counter()
+            result = func(*args, **kwargs)
+            per_step["features_s"].append(time.perf_counter() - began)
+            return result
+
+        return wrapper
+
+    FeatureStepper.advance = here_or_ahead("features (stepped)", FeatureStepper.advance)
+    for module in (dryrun_module, lookahead_module):
+        module.build_features = here_or_ahead("features (full build)", module.build_features)
+    lookahead_module.build_event_facts = here_or_ahead(
+        "event facts", lookahead_module.build_event_facts
     )
-    dryrun_module.build_features = timed(
-        "features (full build)", dryrun_module.build_features, per_step["features_s"]
+    # A step's features: built here (in place), or taken from the second core's file.
+    dryrun_module._InPlace.take = per_step_only(dryrun_module._InPlace.take)
+    lookahead_module.Lookahead.take = timed(
+        "features taken from the second core",
+        lookahead_module.Lookahead.take,
+        per_step["features_s"],
+    )
+    lookahead_module.Lookahead.drain = timed(
+        "waiting for the second core's last jobs", lookahead_module.Lookahead.drain
     )
     dryrun_module.run_playbooks = timed(
         "run_playbooks", dryrun_module.run_playbooks, per_step["run_s"]
     )
     dryrun_module._rule_totals = timed("rule totals", dryrun_module._rule_totals)
-    dryrun_module._outcomes = timed("outcomes", dryrun_module._outcomes)
+    outcomes = dryrun_module._Outcomes
+    outcomes.add_step = here_or_ahead("outcomes", outcomes.add_step)
+    outcomes.summarize = timed("outcomes: summary", outcomes.summarize)
     runner, decider = run_module._Runner, run_module.RunDecider
     inside = "run_playbooks > "
     # These overlap: event facts are built inside event-rule matching; decide and enqueue
@@ -546,7 +586,7 @@ def phase_measure(params: Params) -> Figures:
     stop.set()
     with watch.lock:
         parts = dict(watch.parts)
-    top = [k for k in parts if not k.startswith(inside)]
+    top = [k for k in parts if not k.startswith((inside, AHEAD))]
     parts["other (scratch clean-up, set-up)"] = seconds - sum(parts[k] for k in top)
     data = report.to_dict()
     text = json.dumps(data, sort_keys=True, ensure_ascii=False)

@@ -26,6 +26,7 @@ window and their revenue, with the difference and a 95% confidence interval.
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import sqlite3
@@ -34,15 +35,26 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from engine.clock import DAY, format_epoch
 from engine.decide import REASONS
 from engine.errors import StoreError, UsageError
-from engine.features import FeatureStepper, build_features
+from engine.features import FeatureStepper, FeatureTable, build_features
+from engine.lookahead import Lookahead, worth_looking_ahead
 from engine.playbook.model import Playbook
-from engine.run import RunResult, check_distinct_names, run_playbooks, write_tag_changes
+from engine.run import (
+    RunResult,
+    check_distinct_names,
+    event_keys,
+    event_needs,
+    event_start,
+    run_playbooks,
+    state_conditions,
+    write_tag_changes,
+)
 from engine.settings import Settings
 from engine.store import Store, open_store
 
@@ -238,7 +250,7 @@ def dry_run(
     runs = [playbooks] + ([against] if against is not None else [])
     simulations: list[Simulation] = []
     for books in runs:
-        with scratch_copy(db) as store:
+        with scratch_copy(db, concurrent=len(steps) > 1) as store:
             simulation = _simulate(
                 store, settings, books, steps, engine, since, window, progress, incremental
             )
@@ -257,9 +269,70 @@ def dry_run(
     )
 
 
+class _InPlace:
+    """A simulation's features built on its own connection, step by step (stepped by a
+    `FeatureStepper`, or from scratch); the event facts are left to the runs."""
+
+    def __init__(
+        self, store: Store, settings: Settings, steps: Sequence[int], incremental: bool
+    ) -> None:
+        self.store, self.settings, self.steps = store, settings, steps
+        self.stepper = FeatureStepper(store, settings) if incremental else None
+
+    def take(self, k: int) -> tuple[FeatureTable, None]:
+        if self.stepper is not None:
+            return self.stepper.advance(self.steps[k]), None
+        return build_features(self.store, self.settings, self.steps[k]), None
+
+    def finished(self, k: int, run_ids: Sequence[str]) -> None:
+        pass
+
+    def after(self, job: Callable[[sqlite3.Connection], None]) -> None:
+        job(self.store.conn)
+
+    def drain(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if self.stepper is not None:
+            self.stepper.close()
+
+
+def _step_inputs(
+    store: Store,
+    settings: Settings,
+    playbooks: Sequence[Playbook],
+    steps: Sequence[int],
+    engine: str,
+    since: int | None,
+    incremental: bool,
+) -> Lookahead | _InPlace:
+    """Where each step's features (and event facts) come from: built one step ahead on a
+    second core (`engine.lookahead`) when there is one, else here."""
+    if not worth_looking_ahead(store, len(steps)):
+        return _InPlace(store, settings, steps, incremental)
+    # A playbook's run at step k reads the events since its previous run (step k-1's), or
+    # at the first step since its event cursor (or `since`).
+    first = {p.name: event_start(store.conn, p, steps[0], since) for p in playbooks}
+
+    def keys(k: int) -> list[tuple[str, int]]:
+        starts = first if k == 0 else {n: max(t, steps[k - 1]) for n, t in first.items()}
+        return event_keys(settings, playbooks, steps[k], starts)
+
+    def conditions(k: int) -> list[tuple[str, list[Any]]]:
+        return [] if engine == "rules" else state_conditions(settings, playbooks, steps[k])
+
+    return Lookahead(
+        store, settings, steps, keys, conditions, event_needs(playbooks), incremental=incremental
+    )
+
+
 @contextmanager
-def scratch_copy(db: str | os.PathLike[str]) -> Iterator[Store]:
-    """A private, writable copy of the store at `db` (opened read-only), deleted after."""
+def scratch_copy(db: str | os.PathLike[str], *, concurrent: bool = False) -> Iterator[Store]:
+    """A private, writable copy of the store at `db` (opened read-only), deleted after.
+
+    `concurrent`: another connection will read the copy while this one writes (a
+    simulation's `Lookahead`): keep it in write-ahead-log mode."""
     path = Path(db)
     if not path.exists():
         raise StoreError(
@@ -284,9 +357,11 @@ def scratch_copy(db: str | os.PathLike[str]) -> Iterator[Store]:
         except StoreError as exc:
             raise StoreError(str(exc).replace(str(copy), str(path))) from None
         try:
-            # A scratch file needs no durability: no write-ahead log, no syncing. The
-            # simulation reads its own runs' actions back at every step: index them.
-            store.conn.execute("PRAGMA journal_mode = MEMORY")
+            # A scratch file needs no durability: no syncing, and no write-ahead log unless
+            # a reader must not wait for the writer. The simulation reads its own runs'
+            # actions back at every step: index them.
+            if not concurrent:
+                store.conn.execute("PRAGMA journal_mode = MEMORY")
             store.conn.execute("PRAGMA synchronous = OFF")
             # Steps re-read the temp tables (features, running totals, the run's decisions)
             # many times: give them a page cache of their own (SQLite's default is 2 MiB).
@@ -314,19 +389,17 @@ def _simulate(
     conn.execute("CREATE TEMP TABLE sim_runs (run_id TEXT PRIMARY KEY, as_of INTEGER)")
     conn.execute("DROP TABLE IF EXISTS temp.sim_mix")
     conn.execute("CREATE TEMP TABLE sim_mix (kind TEXT, value TEXT, n INTEGER)")
-    stepper = FeatureStepper(store, settings)
     rules: dict[str, RuleSummary] = {}
     for playbook in playbooks:
         for rule in sorted(playbook.rules, key=lambda r: r.priority):
             summary = RuleSummary(playbook.name, rule.id, "event" if rule.on else "state")
             rules[summary.key] = summary
     step_summaries = []
+    outcomes = _Outcomes(store, window)
+    inputs = _step_inputs(store, settings, playbooks, steps, engine, since, incremental)
     try:
-        for moment in steps:
-            if incremental:
-                features = stepper.advance(moment)
-            else:
-                features = build_features(store, settings, moment)
+        for k, moment in enumerate(steps):
+            features, prepared = inputs.take(k)
             results = run_playbooks(
                 store,
                 settings,
@@ -335,14 +408,19 @@ def _simulate(
                 engine=engine,
                 since=since,
                 features=features,
+                prepared=prepared,
             )
+            run_ids = [r.run_id for r in results]
+            inputs.finished(k, run_ids)
+            inputs.after(partial(outcomes.add_step, as_of=moment, run_ids=run_ids))
             step_summaries.append(_step(store, results, rules, features.table))
             if progress is not None:
                 progress(1)
+        inputs.drain()
     finally:
-        stepper.close()
+        inputs.close()
     _rule_totals(store, playbooks, rules)
-    _outcomes(store, rules, window)
+    outcomes.summarize(rules)
     suppression: Counter[str] = Counter()
     for summary in rules.values():
         suppression.update(summary.suppressed)
@@ -505,68 +583,90 @@ def _rule_totals(
         rules[f"{playbook}/{rule}"].coupon_cost += round(n * values.get((playbook, coupon), 0), 2)
 
 
-# One row per decision (a rule, a customer, a trigger, at a step): whether any of its
+# One row per decision of a step's runs (a rule, a customer, a trigger): whether any of its
 # actions went out, whether the holdout kept it back, whether caps or a group stopped it;
 # and what the customer ordered within the window after the step.
 _DECISIONS_SQL = """
 WITH d AS (
-  SELECT a.playbook, a.rule_id, a.customer_id, s.as_of,
+  SELECT a.playbook, a.rule_id, a.customer_id,
          max(a.status != 'suppressed') AS acted,
          max(a.reason = 'holdout') AS held,
          max(a.reason IN ('cap', 'group')) AS blocked
-  FROM actions a JOIN temp.sim_runs s USING (run_id)
-  GROUP BY a.playbook, a.rule_id, a.customer_id, a.trigger, s.as_of
+  FROM actions a WHERE a.run_id IN (SELECT value FROM json_each(:runs))
+  GROUP BY a.playbook, a.rule_id, a.customer_id, a.trigger
 )
-SELECT d.playbook, d.rule_id, d.acted, d.held, d.blocked, d.as_of + :window > :end,
+SELECT d.playbook, d.rule_id, d.acted, d.held, d.blocked,
        (SELECT count(*) FROM orders o WHERE o.customer_id = d.customer_id
-          AND o.ts >= d.as_of AND o.ts < d.as_of + :window),
+          AND o.ts >= :as_of AND o.ts < :as_of + :window),
        (SELECT coalesce(sum(o.amount_cents), 0) FROM orders o
-          WHERE o.customer_id = d.customer_id AND o.ts >= d.as_of
-            AND o.ts < d.as_of + :window)
+          WHERE o.customer_id = d.customer_id AND o.ts >= :as_of
+            AND o.ts < :as_of + :window)
          - (SELECT coalesce(sum(f.amount_cents), 0) FROM refunds f
-          WHERE f.customer_id = d.customer_id AND f.ts >= d.as_of
-            AND f.ts < d.as_of + :window)
+          WHERE f.customer_id = d.customer_id AND f.ts >= :as_of
+            AND f.ts < :as_of + :window)
 FROM d
 """
 
 
 @dataclass
 class _Group:
+    """Customers of one kind (targeted, holdout, blocked) of one rule: how many, how many
+    ordered, their revenue (in cents: sums are exact in any order)."""
+
     n: int = 0
     buyers: int = 0
-    revenue: float = 0.0
-    squares: float = 0.0
+    cents: int = 0
+    squares: int = 0  # sum of cents squared
 
-    def add(self, bought: bool, revenue: float) -> None:
+    def add(self, bought: bool, cents: int) -> None:
         self.n += 1
         self.buyers += bought
-        self.revenue += revenue
-        self.squares += revenue * revenue
+        self.cents += cents
+        self.squares += cents * cents
+
+    @property
+    def revenue(self) -> float:
+        return self.cents / 100
 
 
-def _outcomes(store: Store, rules: dict[str, RuleSummary], window: int) -> None:
-    conn = store.conn
-    end = conn.execute(
-        "SELECT max(coalesce((SELECT max(ts) FROM orders), 0), "
-        "coalesce((SELECT max(ts) FROM events), 0))"
-    ).fetchone()[0]
-    groups: dict[str, dict[str, _Group]] = defaultdict(
-        lambda: {"targeted": _Group(), "holdout": _Group(), "blocked": _Group()}
-    )
-    incomplete: Counter[str] = Counter()
-    for playbook, rule, acted, held, blocked, cut, orders, cents in conn.execute(
-        _DECISIONS_SQL, {"window": window, "end": end}
-    ):
-        key = f"{playbook}/{rule}"
-        if cut:
-            incomplete[key] += 1
-            continue
-        group = "targeted" if acted else "holdout" if held else "blocked" if blocked else None
-        if group is not None:
-            groups[key][group].add(orders > 0, cents / 100)
-    for key, summary in rules.items():
-        g = groups[key]
-        summary.outcome = _compare(g["targeted"], g["holdout"], g["blocked"], incomplete[key])
+class _Outcomes:
+    """Per rule, its decisions' groups, added step by step (each step's once its runs have
+    committed, on any connection to the store: a `Lookahead`'s builder does it)."""
+
+    def __init__(self, store: Store, window: int) -> None:
+        self.window = window
+        # Outcome windows end at the last thing the history recorded.
+        self.end = store.conn.execute(
+            "SELECT max(coalesce((SELECT max(ts) FROM orders), 0), "
+            "coalesce((SELECT max(ts) FROM events), 0))"
+        ).fetchone()[0]
+        self.groups: dict[str, dict[str, _Group]] = defaultdict(
+            lambda: {"targeted": _Group(), "holdout": _Group(), "blocked": _Group()}
+        )
+        self.incomplete: Counter[str] = Counter()
+
+    def add_step(self, conn: sqlite3.Connection, as_of: int, run_ids: Sequence[str]) -> None:
+        """Add the decisions of the runs `run_ids` (a step at `as_of`)."""
+        cut = as_of + self.window > self.end
+        rows = conn.execute(
+            _DECISIONS_SQL,
+            {"runs": json.dumps(list(run_ids)), "as_of": as_of, "window": self.window},
+        )
+        for playbook, rule, acted, held, blocked, orders, cents in rows:
+            key = f"{playbook}/{rule}"
+            if cut:
+                self.incomplete[key] += 1
+                continue
+            group = "targeted" if acted else "holdout" if held else "blocked" if blocked else None
+            if group is not None:
+                self.groups[key][group].add(orders > 0, cents)
+
+    def summarize(self, rules: dict[str, RuleSummary]) -> None:
+        for key, summary in rules.items():
+            g = self.groups[key]
+            summary.outcome = _compare(
+                g["targeted"], g["holdout"], g["blocked"], self.incomplete[key]
+            )
 
 
 def _compare(targeted: _Group, holdout: _Group, blocked: _Group, incomplete: int) -> Outcome:
@@ -610,10 +710,11 @@ def _compare(targeted: _Group, holdout: _Group, blocked: _Group, incomplete: int
 
 
 def _variance(group: _Group) -> float:
+    """The sample variance of the group's revenue per customer (in yuan squared)."""
     if group.n < 2:
         return 0.0
-    mean = group.revenue / group.n
-    return max(group.squares / group.n - mean * mean, 0.0) * group.n / (group.n - 1)
+    n = group.n
+    return max(n * group.squares - group.cents * group.cents, 0) / (n * (n - 1)) / 10_000
 
 
 def _verdict(

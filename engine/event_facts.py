@@ -16,6 +16,7 @@ import tempfile
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Protocol
 
 from engine.catalog import SOURCE_KEYS, source_fields, source_table
 from engine.features import MAX_WORKERS, FeatureTable, PointsQuery, build_point_features
@@ -33,6 +34,15 @@ PREFETCH_CACHE_KIB = 64 * 1024
 Key = tuple[str, int]  # (event type, start)
 # Per event type, the features its rules and templates read (None: all); None: all for all.
 Needs = Mapping[str, frozenset[str] | None] | None
+
+
+class EventSource(Protocol):
+    """Event facts built elsewhere, handed to a run."""
+
+    def take(self, conn: sqlite3.Connection, key: Key, table: str) -> bool:
+        """Create temp.`table` with the facts of `key` (with the tags the store had when
+        the run began); False if this source does not have them."""
+        ...
 
 
 def build_event_facts(

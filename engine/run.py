@@ -18,16 +18,21 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from engine.catalog import field_catalog, source_fields
 from engine.clock import DAY, get_timezone, local_day
 from engine.conditions.ir import fields_used
 from engine.decide import CANDIDATES, DECISIONS, REASONS, RunDecider
 from engine.errors import UsageError
-from engine.event_facts import EventPrefetch, build_event_facts, worth_prefetching
+from engine.event_facts import (
+    EventPrefetch,
+    EventSource,
+    build_event_facts,
+    worth_prefetching,
+)
 from engine.features import FeatureTable, build_features, decode_rows, decode_value
 from engine.match.sql import condition_sql, fact_fields, match_sql
 from engine.playbook.model import Playbook, Rule
@@ -108,11 +113,14 @@ def run_playbooks(
     engine: str = "auto",
     since: int | None = None,
     features: FeatureTable | None = None,
+    prepared: Prepared | None = None,
 ) -> list[RunResult]:
     """Run each playbook against the store as of `as_of`; see the module docstring.
 
     `features`: the customers' features as of `as_of`, if already built (a simulation
-    stepping through time builds them incrementally); built here otherwise."""
+    stepping through time builds them incrementally); built here otherwise. `prepared`:
+    event facts and state rules' matches built ahead, over `features` (a simulation's next
+    step, `engine.lookahead`); what it does not have is built here."""
     if engine not in ENGINES:
         raise UsageError(f"--engine must be one of {', '.join(ENGINES)}, not {engine!r}")
     check_distinct_names(playbooks)
@@ -130,7 +138,11 @@ def run_playbooks(
             # up to date before deciding anything on them.
             if _data_version(store) != seen:
                 facts.copy_tags()
-            facts.prefetch_events(event_keys(conn, settings, playbooks, as_of, since))
+            if prepared is not None:
+                facts.prepared = prepared
+            else:
+                starts = {p.name: event_start(conn, p, as_of, since) for p in playbooks}
+                facts.prefetch_events(event_keys(settings, playbooks, as_of, starts))
             return [
                 _execute(store, conn, settings, playbook, facts, engine, since)
                 for playbook in playbooks
@@ -140,13 +152,13 @@ def run_playbooks(
 
 
 def event_keys(
-    conn: Any, settings: Settings, playbooks: Sequence[Playbook], as_of: int, since: int | None
+    settings: Settings, playbooks: Sequence[Playbook], as_of: int, starts: Mapping[str, int]
 ) -> list[tuple[str, int]]:
-    """The (event type, start) of the event facts a run of `playbooks` will read, in the
-    order it will first read them."""
+    """The (event type, start) of the event facts a run of `playbooks` as of `as_of` will
+    read, in the order it will first read them; `starts`: each playbook's `event_start`."""
     keys: dict[tuple[str, int], None] = {}
     for playbook in playbooks:
-        start = event_start(conn, playbook, as_of, since)
+        start = starts[playbook.name]
         tz = playbook_tz(playbook, settings)
         for rule in sorted(playbook.rules, key=lambda r: r.priority):
             if rule.on is not None and skip_reason(rule, as_of, tz) is None:
@@ -203,6 +215,16 @@ def write_tag_changes(
     return written
 
 
+def copy_tags(conn: Any, table: str, source: str) -> None:
+    """Copy the tags of the customers in `source` (customer_id, tags) into the facts table
+    temp.`table`."""
+    conn.execute(
+        f'UPDATE temp."{table}" AS f SET tags = (SELECT r.tags FROM {source} AS r '
+        f"WHERE r.customer_id = f.customer_id) WHERE f.customer_id IN "
+        f"(SELECT customer_id FROM {source})"
+    )
+
+
 def check_distinct_names(playbooks: Sequence[Playbook]) -> None:
     """Refuse two playbooks of one name: they would share entry state and event cursors."""
     seen: dict[str, str] = {}
@@ -213,6 +235,31 @@ def check_distinct_names(playbooks: Sequence[Playbook]) -> None:
                 f"{playbook.name!r}: give each playbook its own name"
             )
         seen[playbook.name] = playbook.file
+
+
+class Prepared(EventSource, Protocol):
+    """What a run's caller built ahead over the run's features (`engine.lookahead`)."""
+
+    def matches(self, where: str, values: Sequence[Any]) -> str | None:
+        """A table (customer_id) of the features' rows satisfying the state rule
+        condition compiled to `where` with `values`, or None if not built."""
+        ...
+
+
+def state_conditions(
+    settings: Settings, playbooks: Sequence[Playbook], as_of: int
+) -> list[tuple[str, list[Any]]]:
+    """The compiled conditions (WHERE, values) over the features table of the state rules a
+    run as of `as_of` matches in SQL and that do not read tags (tags change as a run goes:
+    only these can be matched ahead of it)."""
+    fields = fact_fields(field_catalog(settings))
+    found = []
+    for playbook in playbooks:
+        tz = playbook_tz(playbook, settings)
+        for rule in playbook.rules:
+            if rule.on is None and not reads_tags(rule) and skip_reason(rule, as_of, tz) is None:
+                found.append(condition_sql(rule.when, fields, tz))
+    return found
 
 
 class RunFacts:
@@ -242,7 +289,8 @@ class RunFacts:
         # write (`seq`); `applied` says up to which write each facts table has them.
         self.seq = 0
         self.applied: dict[str, int] = {features.table: 0}
-        self.prefetch: EventPrefetch | None = None
+        self.prefetch: EventPrefetch | None = None  # started by this run, closed by it
+        self.prepared: Prepared | None = None  # built ahead by the caller
         self.conn.execute("DROP TABLE IF EXISTS temp.run_tags")
 
     @property
@@ -256,11 +304,7 @@ class RunFacts:
         """Copy the tags of the customers in `source` (customer_id, tags) — by default
         the store's — into `tables` (by default every facts table)."""
         for table in self.tables if tables is None else tables:
-            self.conn.execute(
-                f'UPDATE temp."{table}" AS f SET tags = (SELECT r.tags FROM {source} AS r '
-                f"WHERE r.customer_id = f.customer_id) WHERE f.customer_id IN "
-                f"(SELECT customer_id FROM {source})"
-            )
+            copy_tags(self.conn, table, source)
 
     def tags_written(self, source: str) -> None:
         """The run wrote these tags (`source`: customer_id, tags) to the store: every facts
@@ -295,7 +339,8 @@ class RunFacts:
         if known is not None:
             return known
         table = f"{EVENT_FACTS}_{len(self.event_tables)}"
-        if self.prefetch is not None and self.prefetch.take(self.conn, (event, start), table):
+        source = self.prepared if self.prepared is not None else self.prefetch
+        if source is not None and source.take(self.conn, (event, start), table):
             applied = 0  # built from the committed store: none of the run's tags yet
         else:
             build_event_facts(
@@ -511,6 +556,7 @@ class _Runner:
         conn, name, as_of = self.conn, self.playbook.name, self.features.as_of
         conn.execute("DROP TABLE IF EXISTS temp.matched")
         conn.execute("CREATE TEMP TABLE matched (customer_id TEXT PRIMARY KEY) WITHOUT ROWID")
+        matched = "temp.matched"
         if self.engine == "rules":
             conn.executemany(
                 "INSERT INTO temp.matched VALUES (?)",
@@ -518,11 +564,18 @@ class _Runner:
             )
         else:
             where, values = condition_sql(rule.when, fact_fields(self.catalog), self.tz)
-            conn.execute(
-                f'INSERT INTO temp.matched SELECT f.customer_id FROM temp."{table}" f '
-                f"WHERE {where}",
-                values,
+            prepared = self.facts.prepared
+            ready = (
+                None if prepared is None or reads_tags(rule) else prepared.matches(where, values)
             )
+            if ready is not None:
+                matched = ready
+            else:
+                conn.execute(
+                    f'INSERT INTO temp.matched SELECT f.customer_id FROM temp."{table}" f '
+                    f"WHERE {where}",
+                    values,
+                )
         # Entering: matched now, not matching at the rule's previous evaluation. Only they
         # are written; customers still matching are read, never rewritten.
         conn.execute("DROP TABLE IF EXISTS temp.entered")
@@ -532,7 +585,7 @@ class _Runner:
         )
         conn.execute(
             "INSERT INTO temp.entered SELECT m.customer_id, coalesce(s.episode, 0) + 1 "
-            "FROM temp.matched m LEFT JOIN rule_state s ON s.playbook = ? AND s.rule_id = ? "
+            f"FROM {matched} m LEFT JOIN rule_state s ON s.playbook = ? AND s.rule_id = ? "
             "AND s.customer_id = m.customer_id WHERE s.matching IS NOT 1",
             (name, rule.id),
         )
@@ -553,7 +606,7 @@ class _Runner:
         conn.execute(
             "UPDATE rule_state SET matching = 0, changed_at = ? WHERE playbook = ? AND "
             "rule_id = ? AND matching = 1 AND customer_id NOT IN "
-            "(SELECT customer_id FROM temp.matched)",
+            f"(SELECT customer_id FROM {matched})",
             (as_of, name, rule.id),
         )
         return int(conn.execute(f"SELECT count(*) FROM temp.{CANDIDATES}").fetchone()[0])

@@ -1,0 +1,323 @@
+"""A simulation's inputs one step ahead, built on a second core.
+
+A simulation (`engine.dryrun`) runs the playbooks at each of its steps on a scratch copy of
+the store. What a step's run is judged on — every customer's features as of the step,
+and per event type the facts of the events since the previous step — depends on the
+store's history only, except for the customers' tags, which the runs themselves change.
+So while the run of step k decides, `Lookahead` builds step k+1's features (stepped, as
+`FeatureStepper` does; or from scratch) and event facts on a connection of its own, in a
+thread of its own, and writes them to a scratch file; step k+1 then copies them in
+instead of building them.
+
+Tags: the builder reads the committed store, and it builds step k+1 only once the runs
+up to step k-1 have committed (it is never more than one step ahead), so the features it
+hands over can lack only the tag changes of step k's run. `finished(k, ...)` names the
+customers that run retagged; `take(k+1)` copies their tags from the store into the tables
+it hands over (and the run re-applies its own tag changes as usual).
+
+The scratch copy must be in write-ahead-log mode, so that the builder's reads and the
+runs' writes never wait for each other.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import tempfile
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from engine.event_facts import Key, Needs, build_event_facts
+from engine.features import (
+    MAX_WORKERS,
+    FeatureStepper,
+    FeatureTable,
+    RfmThresholds,
+    build_features,
+)
+from engine.run import copy_tags
+from engine.settings import Settings
+from engine.store import Store, open_store
+
+# The builder's page caches (KiB): it reads the orders indexes (main) and keeps the running
+# totals and the step's features (temp).
+LOOKAHEAD_CACHE_KIB = 64 * 1024
+LOOKAHEAD_TEMP_CACHE_KIB = 64 * 1024
+ALIAS = "lookahead"
+RETAGGED = "lookahead_retagged"
+
+
+def worth_looking_ahead(store: Store, steps: int) -> bool:
+    """A second core, a store on disk in write-ahead-log mode, and a later step to build
+    while a step runs."""
+    if min(os.cpu_count() or 1, MAX_WORKERS) < 2 or store.path == ":memory:" or steps < 2:
+        return False
+    (mode,) = store.conn.execute("PRAGMA journal_mode").fetchone()
+    return str(mode).lower() == "wal"
+
+
+# A state rule's condition compiled to SQL over the features: (WHERE, values).
+Condition = tuple[str, tuple[Any, ...]]
+
+
+@dataclass(frozen=True)
+class _Built:
+    """What the builder wrote for one step: the file, and how to read it."""
+
+    path: Path
+    rows: int
+    rfm: RfmThresholds
+    events: dict[Key, str]  # (event type, start) -> table in the file
+    matches: dict[Condition, str]  # condition -> table of the customers satisfying it
+
+
+class StepPrepared:
+    """What was built ahead for one step's run (see `engine.run.Prepared`): event facts,
+    which `take` copies into the run's temp tables with the previous step's tag changes,
+    and the matches of state rules that do not read tags, read where they lie."""
+
+    def __init__(
+        self,
+        events: dict[Key, str],
+        matches: dict[Condition, str],
+        retag: Callable[[str], None],
+    ) -> None:
+        self.events, self.tables, self.retag = events, matches, retag
+
+    def take(self, conn: sqlite3.Connection, key: Key, table: str) -> bool:
+        source = self.events.get(key)
+        if source is None:
+            return False
+        conn.execute(f'DROP TABLE IF EXISTS temp."{table}"')
+        conn.execute(f'CREATE TEMP TABLE "{table}" AS SELECT * FROM {ALIAS}."{source}"')
+        self.retag(table)
+        return True
+
+    def matches(self, where: str, values: Sequence[Any]) -> str | None:
+        table = self.tables.get((where, tuple(values)))
+        return None if table is None else f'{ALIAS}."{table}"'
+
+
+class Lookahead:
+    """Builds each step's features and event facts in a thread of its own, one step ahead
+    of the runs (see the module docstring).
+
+    The simulation calls, for each step k in order: `take(k)` (waits for the step's inputs
+    and attaches them), the run, then `finished(k, run_ids)` once the run has committed
+    (detaches them, and lets the builder start step k+2). Work on the committed steps can
+    be handed to the builder's thread too (`after`; `drain` waits for it). `close` stops the
+    builder and deletes its files, whatever state it is in."""
+
+    def __init__(
+        self,
+        store: Store,
+        settings: Settings,
+        steps: Sequence[int],
+        keys: Callable[[int], list[Key]],
+        conditions: Callable[[int], list[tuple[str, list[Any]]]],
+        needs: Needs,
+        *,
+        incremental: bool = True,
+        table: str = "features",
+    ) -> None:
+        """`keys(k)`: the (event type, start) facts step k's run will read;
+        `conditions(k)`: the compiled state rule conditions it can take matches for."""
+        self.conn, self.path, self.settings = store.conn, store.path, settings
+        self.steps, self.keys, self.needs = list(steps), keys, needs
+        self.conditions = conditions
+        self.incremental, self.table = incremental, table
+        self.scratch = tempfile.TemporaryDirectory(prefix="playbook-lookahead-")
+        self.built: dict[int, _Built] = {}
+        self.error: BaseException | None = None
+        self.finished_steps = 0  # runs committed: steps 0 .. finished_steps - 1
+        self.stopping = False
+        self.attached = False
+        self.retagged = False  # whether the latest finished step retagged anyone
+        self.jobs: list[Callable[[sqlite3.Connection], None]] = []
+        self.jobs_given = self.jobs_done = 0
+        self.changed = threading.Condition()
+        self.worker: Store | None = None
+        self.thread = threading.Thread(target=self._work, name="lookahead", daemon=True)
+        self.thread.start()
+
+    # -- the builder's thread ------------------------------------------------------------
+
+    def _work(self) -> None:
+        try:
+            with self.changed:
+                if self.stopping:
+                    return
+                self.worker = open_store(self.path, readonly=True)
+            conn = self.worker.conn
+            conn.execute(f"PRAGMA cache_size = -{LOOKAHEAD_CACHE_KIB}")
+            conn.execute(f"PRAGMA temp.cache_size = -{LOOKAHEAD_TEMP_CACHE_KIB}")
+            stepper = (
+                FeatureStepper(self.worker, self.settings, table=self.table)
+                if self.incremental
+                else None
+            )
+            k = 0
+            while True:
+                with self.changed:
+                    # Step k may lack only the tags of run k-1: it is built once the runs
+                    # up to k-2 have committed. Building comes first, jobs after.
+                    while not self.stopping and not self._can_build(k) and not self.jobs:
+                        self.changed.wait()
+                    if self.stopping:
+                        return
+                    job = None if self._can_build(k) else self.jobs.pop(0)
+                if job is not None:
+                    job(conn)
+                    with self.changed:
+                        self.jobs_done += 1
+                        self.changed.notify_all()
+                    continue
+                built = self._build(self.worker, stepper, k, self.steps[k])
+                with self.changed:
+                    self.built[k] = built
+                    self.changed.notify_all()
+                k += 1
+        except BaseException as exc:  # handed to the simulation by `take` and `drain`
+            with self.changed:
+                self.error = exc
+                self.changed.notify_all()
+        finally:
+            with self.changed:
+                if self.worker is not None:
+                    self.worker.close()
+                    self.worker = None
+
+    def _can_build(self, k: int) -> bool:
+        return k < len(self.steps) and self.finished_steps >= k - 1
+
+    def _build(self, worker: Store, stepper: FeatureStepper | None, k: int, moment: int) -> _Built:
+        if stepper is not None:
+            features = stepper.advance(moment)
+        else:
+            features = build_features(worker, self.settings, moment, table=self.table)
+        events: dict[Key, str] = {}
+        for key in self.keys(k):
+            name = f"events{len(events)}"
+            build_event_facts(
+                worker, self.settings, features, key[0], key[1], name, needs=self.needs
+            )
+            events[key] = name
+        path = Path(self.scratch.name) / f"step{k}.db"
+        conn, table = worker.conn, self.table
+        matches: dict[Condition, str] = {}
+        conn.execute("ATTACH DATABASE ? AS out", (str(path),))
+        try:
+            conn.execute("PRAGMA out.journal_mode = OFF")
+            conn.execute("PRAGMA out.synchronous = OFF")
+            for name in (table, *events.values()):
+                conn.execute(f'CREATE TABLE out."{name}" AS SELECT * FROM temp."{name}"')
+            for where, values in self.conditions(k):
+                condition = (where, tuple(values))
+                if condition in matches:
+                    continue
+                name = matches[condition] = f"matches{len(matches)}"
+                conn.execute(
+                    f'CREATE TABLE out."{name}" (customer_id TEXT PRIMARY KEY) WITHOUT ROWID'
+                )
+                conn.execute(
+                    f'INSERT INTO out."{name}" SELECT f.customer_id FROM temp."{table}" f '
+                    f"WHERE {where}",
+                    values,
+                )
+        finally:
+            conn.execute("DETACH DATABASE out")
+        for name in events.values():
+            conn.execute(f'DROP TABLE temp."{name}"')
+        return _Built(path, features.rows, features.rfm, events, matches)
+
+    # -- the simulation's side -----------------------------------------------------------
+
+    def take(self, k: int) -> tuple[FeatureTable, StepPrepared]:
+        """Step k's features as the temp table `table` (with the tags the store has now),
+        and its event facts for the run; waits for the builder if it is not done yet."""
+        with self.changed:
+            while k not in self.built and self.error is None:
+                self.changed.wait()
+            if k not in self.built:
+                assert self.error is not None
+                raise self.error
+            built = self.built.pop(k)
+        conn, table = self.conn, self.table
+        conn.execute(f"ATTACH DATABASE ? AS {ALIAS}", (f"{built.path.as_uri()}?mode=ro",))
+        self.attached = True
+        conn.execute(f'DROP TABLE IF EXISTS temp."{table}"')
+        conn.execute(f'CREATE TEMP TABLE "{table}" AS SELECT * FROM {ALIAS}."{table}"')
+        conn.execute(f'CREATE UNIQUE INDEX temp."{table}_customer" ON "{table}" (customer_id)')
+        self._retag(table)
+        features = FeatureTable(table=table, as_of=self.steps[k], rows=built.rows, rfm=built.rfm)
+        return features, StepPrepared(built.events, built.matches, self._retag)
+
+    def finished(self, k: int, run_ids: Sequence[str]) -> None:
+        """Step k's runs (`run_ids`) have committed: detach the step's file, note whom they
+        retagged, and let the builder start step k+2."""
+        self._detach()
+        (Path(self.scratch.name) / f"step{k}.db").unlink(missing_ok=True)
+        conn = self.conn
+        conn.execute(f"DROP TABLE IF EXISTS temp.{RETAGGED}")
+        conn.execute(f"CREATE TEMP TABLE {RETAGGED} (customer_id TEXT PRIMARY KEY) WITHOUT ROWID")
+        marks = ", ".join("?" for _ in run_ids)
+        # The runs changed the tags of their queued tag actions' customers (only those).
+        self.retagged = (
+            conn.execute(
+                f"INSERT INTO temp.{RETAGGED} SELECT DISTINCT customer_id FROM main.actions "
+                f"WHERE run_id IN ({marks}) AND type = 'tag' AND status != 'suppressed'",
+                list(run_ids),
+            ).rowcount
+            > 0
+        )
+        with self.changed:
+            self.finished_steps = k + 1
+            self.changed.notify_all()
+
+    def after(self, job: Callable[[sqlite3.Connection], None]) -> None:
+        """Have `job` run on the builder's connection (which sees every committed step) when
+        it is not building a step."""
+        with self.changed:
+            self.jobs.append(job)
+            self.jobs_given += 1
+            self.changed.notify_all()
+
+    def drain(self) -> None:
+        """Wait for every job given to `after` to have run."""
+        with self.changed:
+            while self.jobs_done < self.jobs_given and self.error is None:
+                self.changed.wait()
+            if self.error is not None:
+                raise self.error
+
+    def _retag(self, table: str) -> None:
+        """Copy the store's tags of the customers the previous step's runs retagged into
+        temp.`table`."""
+        if self.retagged:
+            copy_tags(
+                self.conn,
+                table,
+                f"(SELECT c.customer_id, c.tags FROM temp.{RETAGGED} r "
+                "JOIN main.customers c USING (customer_id))",
+            )
+
+    def _detach(self) -> None:
+        if self.attached:
+            self.conn.execute(f"DETACH DATABASE {ALIAS}")
+            self.attached = False
+
+    def close(self) -> None:
+        """Stop the builder (interrupting a statement under way), detach and delete its
+        files. Call it outside a transaction."""
+        with self.changed:
+            self.stopping = True
+            self.changed.notify_all()
+            if self.worker is not None:
+                self.worker.conn.interrupt()
+        self.thread.join()
+        self._detach()
+        self.conn.execute(f"DROP TABLE IF EXISTS temp.{RETAGGED}")
+        self.scratch.cleanup()
