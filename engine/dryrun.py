@@ -411,9 +411,9 @@ def _simulate(
                 prepared=prepared,
             )
             run_ids = [r.run_id for r in results]
+            step_summaries.append(_step(store, results, rules, features.ref))
             inputs.finished(k, run_ids)
             inputs.after(partial(outcomes.add_step, as_of=moment, run_ids=run_ids))
-            step_summaries.append(_step(store, results, rules, features.table))
             if progress is not None:
                 progress(1)
         inputs.drain()
@@ -557,7 +557,7 @@ def _step(
     for kind, column in (("aipl", "aipl_stage"), ("lifecycle", "lifecycle")):
         conn.execute(
             f"INSERT INTO temp.sim_mix SELECT ?, f.{column}, count(*) FROM "
-            f'temp."{features}" f WHERE f.customer_id IN (SELECT customer_id FROM actions '
+            f"{features} f WHERE f.customer_id IN (SELECT customer_id FROM actions "
             f"WHERE run_id IN ({marks}) AND status != 'suppressed') GROUP BY 2",
             (kind, *run_ids),
         )

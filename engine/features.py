@@ -319,6 +319,14 @@ class FeatureTable:
     # Whether the per-customer stage tables ({table}__o, __r) are kept beside it: point
     # builds before `as_of` then read them and only the orders since (see `_POINT_ORDERS`).
     stages: bool = False
+    # The database it is in: the connection's temp tables, or an attached one (a
+    # simulation's step built ahead: `engine.lookahead`).
+    schema: str = "temp"
+
+    @property
+    def ref(self) -> str:
+        """The table's schema-qualified name, for SQL."""
+        return f'{self.schema}."{self.table}"'
 
 
 def _parameters(settings: Settings, as_of: int) -> dict[str, Any]:

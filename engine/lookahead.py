@@ -46,6 +46,7 @@ from engine.store import Store, open_store
 # totals and the step's features (temp).
 LOOKAHEAD_CACHE_KIB = 64 * 1024
 LOOKAHEAD_TEMP_CACHE_KIB = 64 * 1024
+STEP_CACHE_KIB = 64 * 1024  # the simulation's cache for the step's file (its features)
 ALIAS = "lookahead"
 RETAGGED = "lookahead_retagged"
 
@@ -93,7 +94,7 @@ class StepPrepared:
             return False
         conn.execute(f'DROP TABLE IF EXISTS temp."{table}"')
         conn.execute(f'CREATE TEMP TABLE "{table}" AS SELECT * FROM {ALIAS}."{source}"')
-        self.retag(table)
+        self.retag(f'temp."{table}"')
         return True
 
     def matches(self, where: str, values: Sequence[Any]) -> str | None:
@@ -214,6 +215,8 @@ class Lookahead:
             conn.execute("PRAGMA out.synchronous = OFF")
             for name in (table, *events.values()):
                 conn.execute(f'CREATE TABLE out."{name}" AS SELECT * FROM temp."{name}"')
+            # The run reads the features where they are (see `take`): index them here.
+            conn.execute(f'CREATE UNIQUE INDEX out."{table}_customer" ON "{table}" (customer_id)')
             for where, values in self.conditions(k):
                 condition = (where, tuple(values))
                 if condition in matches:
@@ -236,8 +239,10 @@ class Lookahead:
     # -- the simulation's side -----------------------------------------------------------
 
     def take(self, k: int) -> tuple[FeatureTable, StepPrepared]:
-        """Step k's features as the temp table `table` (with the tags the store has now),
-        and its event facts for the run; waits for the builder if it is not done yet."""
+        """Step k's features (with the tags the store has now), and what else was built for
+        its run; waits for the builder if it is not done yet. The features stay in the
+        step's file, attached (as `ALIAS`) until `finished`: copying them would cost more
+        than reading them there."""
         with self.changed:
             while k not in self.built and self.error is None:
                 self.changed.wait()
@@ -245,14 +250,17 @@ class Lookahead:
                 assert self.error is not None
                 raise self.error
             built = self.built.pop(k)
-        conn, table = self.conn, self.table
-        conn.execute(f"ATTACH DATABASE ? AS {ALIAS}", (f"{built.path.as_uri()}?mode=ro",))
+        conn = self.conn
+        conn.execute(f"ATTACH DATABASE ? AS {ALIAS}", (str(built.path),))
         self.attached = True
-        conn.execute(f'DROP TABLE IF EXISTS temp."{table}"')
-        conn.execute(f'CREATE TEMP TABLE "{table}" AS SELECT * FROM {ALIAS}."{table}"')
-        conn.execute(f'CREATE UNIQUE INDEX temp."{table}_customer" ON "{table}" (customer_id)')
-        self._retag(table)
-        features = FeatureTable(table=table, as_of=self.steps[k], rows=built.rows, rfm=built.rfm)
+        # A scratch file: written (tags) without a journal; read often: cached.
+        conn.execute(f"PRAGMA {ALIAS}.journal_mode = OFF")
+        conn.execute(f"PRAGMA {ALIAS}.synchronous = OFF")
+        conn.execute(f"PRAGMA {ALIAS}.cache_size = -{STEP_CACHE_KIB}")
+        features = FeatureTable(
+            table=self.table, as_of=self.steps[k], rows=built.rows, rfm=built.rfm, schema=ALIAS
+        )
+        self._retag(features.ref)
         return features, StepPrepared(built.events, built.matches, self._retag)
 
     def finished(self, k: int, run_ids: Sequence[str]) -> None:
@@ -295,7 +303,7 @@ class Lookahead:
 
     def _retag(self, table: str) -> None:
         """Copy the store's tags of the customers the previous step's runs retagged into
-        temp.`table`."""
+        `table` (schema-qualified)."""
         if self.retagged:
             copy_tags(
                 self.conn,

@@ -68,7 +68,7 @@ def build_report(store: Store, settings: Settings, as_of: int) -> Report:
     """Compute the report from features as of `as_of`."""
     features = build_features(store, settings, as_of)
     conn = store.conn
-    t = f'temp."{features.table}"'
+    t = features.ref
     customers, buyers, revenue = conn.execute(
         f"SELECT count(*), sum(order_count > 0), coalesce(sum(CASE WHEN order_count > 0 "
         f"THEN total_spend END), 0) FROM {t}"
@@ -117,7 +117,7 @@ def build_report(store: Store, settings: Settings, as_of: int) -> Report:
 
 def _health(store: Store, features: FeatureTable, buyers: int, revenue: float) -> list[HealthCheck]:
     conn = store.conn
-    t = f'temp."{features.table}"'
+    t = features.ref
     multi = conn.execute(f"SELECT count(*) FROM {t} WHERE distinct_categories > 1").fetchone()[0]
     repeat = conn.execute(f"SELECT count(*) FROM {t} WHERE order_count >= 2").fetchone()[0]
     same_item = conn.execute(

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 from engine.catalog import field_catalog, source_fields
 from engine.clock import DAY, get_timezone, local_day
-from engine.conditions.ir import fields_used
+from engine.conditions.ir import And, Condition, fields_used
 from engine.decide import CANDIDATES, DECISIONS, REASONS, RunDecider
 from engine.errors import UsageError
 from engine.event_facts import (
@@ -217,9 +217,9 @@ def write_tag_changes(
 
 def copy_tags(conn: Any, table: str, source: str) -> None:
     """Copy the tags of the customers in `source` (customer_id, tags) into the facts table
-    temp.`table`."""
+    `table` (schema-qualified, e.g. 'temp."features"')."""
     conn.execute(
-        f'UPDATE temp."{table}" AS f SET tags = (SELECT r.tags FROM {source} AS r '
+        f"UPDATE {table} AS f SET tags = (SELECT r.tags FROM {source} AS r "
         f"WHERE r.customer_id = f.customer_id) WHERE f.customer_id IN "
         f"(SELECT customer_id FROM {source})"
     )
@@ -246,19 +246,34 @@ class Prepared(EventSource, Protocol):
         ...
 
 
+def matched_ahead(rule: Rule) -> tuple[Condition | None, bool] | None:
+    """What of a state rule's condition can be matched ahead of its run, on features whose
+    tags may be out of date (tags change as a run goes): the whole condition when it reads
+    no tags (exact: True); else the conjuncts of a top-level `and` that read none (the
+    customers matching them include every match: False); None when there are none."""
+    when = rule.when
+    if when is None or "tags" not in fields_used(when):
+        return when, True
+    if isinstance(when, And):
+        items = tuple(item for item in when.items if "tags" not in fields_used(item))
+        if items:
+            return (items[0] if len(items) == 1 else And(items)), False
+    return None
+
+
 def state_conditions(
     settings: Settings, playbooks: Sequence[Playbook], as_of: int
 ) -> list[tuple[str, list[Any]]]:
-    """The compiled conditions (WHERE, values) over the features table of the state rules a
-    run as of `as_of` matches in SQL and that do not read tags (tags change as a run goes:
-    only these can be matched ahead of it)."""
+    """The compiled conditions (WHERE, values) over the features table that a run as of
+    `as_of` can take matches of (`Prepared.matches`): per live state rule, `matched_ahead`."""
     fields = fact_fields(field_catalog(settings))
     found = []
     for playbook in playbooks:
         tz = playbook_tz(playbook, settings)
         for rule in playbook.rules:
-            if rule.on is None and not reads_tags(rule) and skip_reason(rule, as_of, tz) is None:
-                found.append(condition_sql(rule.when, fields, tz))
+            ahead = None if rule.on is not None else matched_ahead(rule)
+            if ahead is not None and skip_reason(rule, as_of, tz) is None:
+                found.append(condition_sql(ahead[0], fields, tz))
     return found
 
 
@@ -288,7 +303,7 @@ class RunFacts:
         # The tags this run wrote are in temp.run_tags, each row with the number of the
         # write (`seq`); `applied` says up to which write each facts table has them.
         self.seq = 0
-        self.applied: dict[str, int] = {features.table: 0}
+        self.applied: dict[str, int] = {features.ref: 0}
         self.prefetch: EventPrefetch | None = None  # started by this run, closed by it
         self.prepared: Prepared | None = None  # built ahead by the caller
         self.conn.execute("DROP TABLE IF EXISTS temp.run_tags")
@@ -296,7 +311,7 @@ class RunFacts:
     @property
     def tables(self) -> list[str]:
         """Every facts table with a `tags` column."""
-        return [self.features.table, *self.event_tables.values()]
+        return [self.features.ref, *self.event_tables.values()]
 
     def copy_tags(
         self, source: str = "main.customers", tables: Sequence[str] | None = None
@@ -354,9 +369,9 @@ class RunFacts:
             )
             applied = self.seq  # built from the store, which has every tag written
         self.conn.execute(f'CREATE INDEX temp."{table}_customer" ON "{table}" (customer_id)')
-        self.event_tables[(event, start)] = table
-        self.applied[table] = applied
-        return table
+        ref = self.event_tables[(event, start)] = f'temp."{table}"'
+        self.applied[ref] = applied
+        return ref
 
     def prefetch_events(self, keys: Sequence[tuple[str, int]]) -> None:
         """Have these (event type, start) facts built on another core, in this order, if
@@ -550,7 +565,7 @@ class _Runner:
     # -- state rules ---------------------------------------------------------------------
 
     def _state_candidates(self, rule: Rule) -> int:
-        table = self.features.table
+        table = self.features.ref
         if reads_tags(rule):
             self.facts.fresh_tags(table)
         conn, name, as_of = self.conn, self.playbook.name, self.features.as_of
@@ -563,17 +578,19 @@ class _Runner:
                 ((c,) for c in sorted(self._durable_matches(rule, table, "customer_id"))),
             )
         else:
-            where, values = condition_sql(rule.when, fact_fields(self.catalog), self.tz)
-            prepared = self.facts.prepared
-            ready = (
-                None if prepared is None or reads_tags(rule) else prepared.matches(where, values)
-            )
-            if ready is not None:
-                matched = ready
-            else:
+            fields = fact_fields(self.catalog)
+            where, values = condition_sql(rule.when, fields, self.tz)
+            rows, exact = f"{table} f", False
+            ahead = None if self.facts.prepared is None else matched_ahead(rule)
+            if ahead is not None and self.facts.prepared is not None:
+                ready = self.facts.prepared.matches(*condition_sql(ahead[0], fields, self.tz))
+                if ready is not None:
+                    # Only the customers matched ahead can match: read theirs alone.
+                    rows = f"{ready} p JOIN {table} f ON f.customer_id = p.customer_id"
+                    matched, exact = (ready, True) if ahead[1] else (matched, False)
+            if not exact:
                 conn.execute(
-                    f'INSERT INTO temp.matched SELECT f.customer_id FROM temp."{table}" f '
-                    f"WHERE {where}",
+                    f"INSERT INTO temp.matched SELECT f.customer_id FROM {rows} WHERE {where}",
                     values,
                 )
         # Entering: matched now, not matching at the rule's previous evaluation. Only they
@@ -600,7 +617,7 @@ class _Runner:
             f"INSERT INTO temp.{CANDIDATES} SELECT e.customer_id, 'entry:' || e.episode, NULL, "
             "f.opted_out, f.external_userid IS NOT NULL AND f.owner IS NOT NULL, "
             "f.phone IS NOT NULL, f.owner, NULL, NULL FROM temp.entered e "
-            f'JOIN temp."{table}" f ON f.customer_id = e.customer_id'
+            f"JOIN {table} f ON f.customer_id = e.customer_id"
         )
         # Leaving: matching before, not now (they may enter again later).
         conn.execute(
@@ -638,7 +655,7 @@ class _Runner:
             f"INSERT OR IGNORE INTO temp.{CANDIDATES} SELECT f.customer_id, "
             "'event:' || f.event_id, f.event_id, f.opted_out, "
             "f.external_userid IS NOT NULL AND f.owner IS NOT NULL, f.phone IS NOT NULL, "
-            f'f.owner, NULL, NULL FROM temp."{table}" f '
+            f"f.owner, NULL, NULL FROM {table} f "
             "JOIN temp.matched_events m ON m.event_id = f.event_id"
         )
         return int(self.conn.execute(f"SELECT count(*) FROM temp.{CANDIDATES}").fetchone()[0])
@@ -679,7 +696,7 @@ class _Runner:
         return table
 
     def _rows(self, table: str, join: str = "") -> Iterator[dict[str, Any]]:
-        yield from decode_rows(self.conn.execute(f'SELECT f.* FROM temp."{table}" f {join}'))
+        yield from decode_rows(self.conn.execute(f"SELECT f.* FROM {table} f {join}"))
 
     # -- durable-rules -------------------------------------------------------------------
 
@@ -722,7 +739,7 @@ class _Runner:
         fixed = ["d.action_id", "d.rule_id", "d.template", "d.coupon", "d.group_name"]
         columns = self._template_columns()
         if "tags" in columns:
-            self.facts.fresh_tags(self.features.table, *self.event_tables.values())
+            self.facts.fresh_tags(self.features.ref, *self.event_tables.values())
         picked = fixed + [f'f."{c}"' for c in columns]
         pending = (
             f"FROM temp.{DECISIONS} d {{join}} "
@@ -731,7 +748,7 @@ class _Runner:
         queries: list[tuple[str, tuple[str, ...], bool]] = [
             (
                 f"SELECT {', '.join(picked)} "
-                + pending.format(join=f'JOIN temp."{self.features.table}" f USING (customer_id)')
+                + pending.format(join=f"JOIN {self.features.ref} f USING (customer_id)")
                 + " AND d.trigger NOT LIKE 'event:%'",
                 (),
                 False,
@@ -742,7 +759,7 @@ class _Runner:
                 table = self.event_tables[rule.on]
                 values = [f'f."event.{n}"' for n in source_fields(rule.on)]
                 join = (
-                    f'JOIN temp."{table}" f ON f.customer_id = d.customer_id '
+                    f"JOIN {table} f ON f.customer_id = d.customer_id "
                     "AND 'event:' || f.event_id = d.trigger"
                 )
                 queries.append(
@@ -775,7 +792,10 @@ class _Runner:
     def _template_columns(self) -> list[str]:
         """The features columns the playbook's templates read as `customer.*`."""
         present = [
-            row[1] for row in self.conn.execute(f'PRAGMA temp.table_info("{self.features.table}")')
+            row[1]
+            for row in self.conn.execute(
+                f'PRAGMA {self.features.schema}.table_info("{self.features.table}")'
+            )
         ]
         wanted = template_customer_fields(self.playbook)
         return present if wanted is None else [c for c in present if c in wanted]

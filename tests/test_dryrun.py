@@ -763,3 +763,33 @@ def test_when_looking_ahead_pays(demo: Path, monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(lookahead_module.os, "cpu_count", lambda: 2)
     with scratch_copy(demo) as store:  # a rollback journal: reader and writer could wait
         assert not lookahead_module.worth_looking_ahead(store, 2)
+
+
+@pytest.mark.parametrize(
+    ("when", "ahead"),
+    [
+        ("order_count >= 3", ("order_count >= 3", True)),  # no tags: the whole condition
+        (
+            '"vip" in tags and total_spend >= 3000 and is_friend',
+            ("total_spend >= 3000 and is_friend", False),  # tags left to the run
+        ),
+        ('"vip" in tags and is_friend', ("is_friend", False)),
+        ('"vip" in tags or total_spend >= 3000', "nothing"),  # no conjunct without tags
+        ('"vip" in tags', "nothing"),
+    ],
+)
+def test_what_of_a_condition_is_matched_ahead(tmp_path: Path, when: str, ahead: Any) -> None:
+    """A lookahead matches ahead of the run what does not depend on tags (which the run
+    changes as it goes); the run then checks only those customers against the whole
+    condition."""
+    from engine.conditions import parse_condition
+    from engine.run import matched_ahead
+
+    condition = f"    when: {json.dumps(when, ensure_ascii=False)}\n"
+    body = f"rules:\n  - id: r\n{condition}    then:\n      - task: {{assign_to: owner, note: x}}\n"
+    rule = playbook(tmp_path, body).rules[0]
+    got = matched_ahead(rule)
+    if ahead == "nothing":
+        assert got is None
+    else:
+        assert got == (parse_condition(ahead[0]), ahead[1])

@@ -42,7 +42,8 @@ def match_sql(
     fields: Mapping[str, SqlField],
     tz: tzinfo,
 ) -> list[str]:
-    """The `key` column of every row of temp table `table` that satisfies `condition`."""
+    """The `key` column of every row of `table` (schema-qualified, e.g. 'temp."facts"')
+    that satisfies `condition`."""
     where, values = condition_sql(condition, fields, tz)
-    cursor = conn.execute(f'SELECT f."{key}" FROM temp."{table}" f WHERE {where}', values)
+    cursor = conn.execute(f'SELECT f."{key}" FROM {table} f WHERE {where}', values)
     return [row[0] for row in cursor]
