@@ -43,6 +43,16 @@ _CANDIDATE_COLUMNS = (
 )
 
 
+def scratch_table(conn: sqlite3.Connection, name: str, columns: str) -> None:
+    """An empty temp table `name` (WITHOUT ROWID: `columns` must declare a primary key).
+
+    Created once per connection and emptied after: dropping and creating it again would
+    change the connection's temp schema, and every prepared statement that reads a temp
+    table would have to be compiled again (a run makes hundreds per playbook)."""
+    conn.execute(f"CREATE TEMP TABLE IF NOT EXISTS {name} ({columns}) WITHOUT ROWID")
+    conn.execute(f"DELETE FROM temp.{name}")
+
+
 def bucket(playbook: str, customer_id: str) -> float:
     """A customer's stable place in [0, 1) for one playbook: the holdout draws on it."""
     digest = hashlib.sha256(f"{playbook}\x1f{customer_id}".encode()).digest()
@@ -56,9 +66,18 @@ def action_id(playbook: str, rule: str, customer: str, trigger: str, index: int)
 
 
 def register_functions(conn: sqlite3.Connection) -> None:
-    """Make `pb_bucket` and `pb_action_id` callable from this connection's SQL."""
-    conn.create_function("pb_bucket", 2, bucket, deterministic=True)
-    conn.create_function("pb_action_id", 5, action_id, deterministic=True)
+    """Make `pb_bucket` and `pb_action_id` callable from this connection's SQL (once: a
+    function defined again makes every prepared statement be compiled again)."""
+    known = {
+        name
+        for (name,) in conn.execute(
+            "SELECT name FROM pragma_function_list WHERE name IN ('pb_bucket', 'pb_action_id')"
+        )
+    }
+    if "pb_bucket" not in known:
+        conn.create_function("pb_bucket", 2, bucket, deterministic=True)
+    if "pb_action_id" not in known:
+        conn.create_function("pb_action_id", 5, action_id, deterministic=True)
 
 
 def next_allowed(moment: int, quiet: tuple[int, int] | None, tz: tzinfo) -> int:
@@ -142,21 +161,28 @@ class RunDecider:
     def __post_init__(self) -> None:
         register_functions(self.conn)
         self.scheduled_at = next_allowed(self.as_of, self.playbook.quiet_hours, self.tz)
-        self.conn.execute("DROP TABLE IF EXISTS temp.group_winners")
-        self.conn.execute(
-            "CREATE TEMP TABLE group_winners (customer_id TEXT NOT NULL, "
-            "grp TEXT NOT NULL, rule_id TEXT NOT NULL, "
-            "PRIMARY KEY (customer_id, grp)) WITHOUT ROWID"
+        scratch_table(
+            self.conn,
+            "group_winners",
+            "customer_id TEXT NOT NULL, grp TEXT NOT NULL, rule_id TEXT NOT NULL, "
+            "PRIMARY KEY (customer_id, grp)",
         )
-        self.conn.execute(f"DROP TABLE IF EXISTS temp.{DECISIONS}")
-        self.conn.execute(
-            f"CREATE TEMP TABLE {DECISIONS} AS SELECT * FROM main.actions WHERE false"
+        # Kept from run to run, emptied (see `scratch_table`).
+        conn = self.conn
+        conn.execute(
+            f"CREATE TEMP TABLE IF NOT EXISTS {DECISIONS} AS SELECT * FROM main.actions WHERE false"
         )
-        self.conn.execute(f"CREATE UNIQUE INDEX temp.{DECISIONS}_id ON {DECISIONS} (action_id)")
-        self.conn.execute(f"CREATE INDEX temp.{DECISIONS}_customer ON {DECISIONS} (customer_id)")
-        self.conn.execute(
-            f"CREATE INDEX temp.{DECISIONS}_rule ON {DECISIONS} (rule_id, action_index, status)"
+        conn.execute(
+            f"CREATE UNIQUE INDEX IF NOT EXISTS temp.{DECISIONS}_id ON {DECISIONS} (action_id)"
         )
+        conn.execute(
+            f"CREATE INDEX IF NOT EXISTS temp.{DECISIONS}_customer ON {DECISIONS} (customer_id)"
+        )
+        conn.execute(
+            f"CREATE INDEX IF NOT EXISTS temp.{DECISIONS}_rule ON {DECISIONS} "
+            "(rule_id, action_index, status)"
+        )
+        conn.execute(f"DELETE FROM temp.{DECISIONS}")
 
     def flush(self) -> int:
         """Write the run's decisions into the queue (in one sorted insert); returns how many.
@@ -173,8 +199,7 @@ class RunDecider:
     @staticmethod
     def new_candidates(conn: sqlite3.Connection) -> None:
         """An empty candidates table for the next rule."""
-        conn.execute(f"DROP TABLE IF EXISTS temp.{CANDIDATES}")
-        conn.execute(f"CREATE TEMP TABLE {CANDIDATES} ({_CANDIDATE_COLUMNS}) WITHOUT ROWID")
+        scratch_table(conn, CANDIDATES, _CANDIDATE_COLUMNS)
 
     def decide(self, rule: Rule) -> Counter[str]:
         """Decide every candidate of `rule`; returns counts by status / reason."""

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 from engine.catalog import field_catalog, source_fields
 from engine.clock import DAY, get_timezone, local_day
 from engine.conditions.ir import And, Condition, fields_used
-from engine.decide import CANDIDATES, DECISIONS, REASONS, RunDecider
+from engine.decide import CANDIDATES, DECISIONS, REASONS, RunDecider, scratch_table
 from engine.errors import UsageError
 from engine.event_facts import (
     EventPrefetch,
@@ -569,8 +569,7 @@ class _Runner:
         if reads_tags(rule):
             self.facts.fresh_tags(table)
         conn, name, as_of = self.conn, self.playbook.name, self.features.as_of
-        conn.execute("DROP TABLE IF EXISTS temp.matched")
-        conn.execute("CREATE TEMP TABLE matched (customer_id TEXT PRIMARY KEY) WITHOUT ROWID")
+        scratch_table(conn, "matched", "customer_id TEXT PRIMARY KEY")
         matched = "temp.matched"
         if self.engine == "rules":
             conn.executemany(
@@ -595,11 +594,7 @@ class _Runner:
                 )
         # Entering: matched now, not matching at the rule's previous evaluation. Only they
         # are written; customers still matching are read, never rewritten.
-        conn.execute("DROP TABLE IF EXISTS temp.entered")
-        conn.execute(
-            "CREATE TEMP TABLE entered (customer_id TEXT PRIMARY KEY, episode INTEGER) "
-            "WITHOUT ROWID"
-        )
+        scratch_table(conn, "entered", "customer_id TEXT PRIMARY KEY, episode INTEGER")
         conn.execute(
             "INSERT INTO temp.entered SELECT m.customer_id, coalesce(s.episode, 0) + 1 "
             f"FROM {matched} m LEFT JOIN rule_state s ON s.playbook = ? AND s.rule_id = ? "
@@ -629,8 +624,7 @@ class _Runner:
         return int(conn.execute(f"SELECT count(*) FROM temp.{CANDIDATES}").fetchone()[0])
 
     def _fill_wanted(self, customers: set[str]) -> None:
-        self.conn.execute("DROP TABLE IF EXISTS temp.wanted")
-        self.conn.execute("CREATE TEMP TABLE wanted (customer_id TEXT PRIMARY KEY) WITHOUT ROWID")
+        scratch_table(self.conn, "wanted", "customer_id TEXT PRIMARY KEY")
         self.conn.executemany("INSERT INTO temp.wanted VALUES (?)", ((c,) for c in customers))
 
     # -- event rules ---------------------------------------------------------------------
@@ -646,8 +640,7 @@ class _Runner:
             matched = match_sql(self.conn, table, "event_id", rule.when, fields, self.tz)
         else:
             matched = self._durable_matches(rule, table, "event_id")
-        self.conn.execute("DROP TABLE IF EXISTS temp.matched_events")
-        self.conn.execute("CREATE TEMP TABLE matched_events (event_id TEXT PRIMARY KEY)")
+        scratch_table(self.conn, "matched_events", "event_id TEXT PRIMARY KEY")
         self.conn.executemany(
             "INSERT OR IGNORE INTO temp.matched_events VALUES (?)", ((e,) for e in matched)
         )
@@ -722,10 +715,7 @@ class _Runner:
         if not changes:
             return
         current = write_tag_changes(self.conn, changes)
-        self.conn.execute("DROP TABLE IF EXISTS temp.retagged")
-        self.conn.execute(
-            "CREATE TEMP TABLE retagged (customer_id TEXT PRIMARY KEY, tags TEXT) WITHOUT ROWID"
-        )
+        scratch_table(self.conn, "retagged", "customer_id TEXT PRIMARY KEY, tags TEXT")
         self.conn.executemany("INSERT INTO temp.retagged VALUES (?, ?)", current.items())
         self.facts.tags_written("temp.retagged")
         self.tagged.update(current)

@@ -22,6 +22,9 @@ from engine.errors import StoreError
 DEFAULT_DB = "playbook.db"
 SCHEMA_VERSION = 5
 CACHE_KIB = 256 * 1024
+# Prepared statements kept per connection (Python's default is 128): a run prepares a few
+# hundred distinct ones and uses them again rule after rule, step after step.
+STATEMENT_CACHE = 1024
 
 # Event types the store understands. Orders and refunds have their own tables (they
 # carry amounts); everything else lives in `events` with its properties as JSON.
@@ -331,10 +334,13 @@ def open_store(path: str | os.PathLike[str], *, readonly: bool = False) -> Store
     try:
         if readonly:
             conn = sqlite3.connect(
-                f"{Path(path).resolve().as_uri()}?mode=ro", uri=True, isolation_level=None
+                f"{Path(path).resolve().as_uri()}?mode=ro",
+                uri=True,
+                isolation_level=None,
+                cached_statements=STATEMENT_CACHE,
             )
         else:
-            conn = sqlite3.connect(path, isolation_level=None)
+            conn = sqlite3.connect(path, isolation_level=None, cached_statements=STATEMENT_CACHE)
         conn.execute("PRAGMA busy_timeout = 10000")
         # Up to 256 MiB of page cache: ingest and features walk indexes far larger than
         # SQLite's 2 MiB default, and a cache that holds them saves most of the I/O.
