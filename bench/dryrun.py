@@ -32,7 +32,13 @@ simulation <= 5x single, peak RSS <= 1 GiB in every measurement. Inside each mea
 the parts are timed by wrapping the library's functions (copy, forget the future,
 features, run_playbooks and, nested in it, matching / event facts / decide / enqueue /
 messages / tags, step summary, totals, outcomes); per-step seconds are logged for the
-first and last steps and every tenth.
+first and last steps and every tenth. With two or more steps on a machine with a second
+core, the simulation's lookahead thread (`engine.lookahead`) builds each step's features,
+event facts and tag-free matches one step ahead and adds each step's outcomes and rule
+totals: its parts are reported apart ("meanwhile on the second core"), as they overlap
+the simulation's, and a step's "features" is then the time to take them in. naive goes
+through the same lookahead, building from scratch there: naive / simulation compares the
+stepping alone.
 
 A measurement that passes --time-limit is stopped; the figures then say where it was.
 The last line printed is one JSON object with every figure.
@@ -542,10 +548,11 @@ def phase_measure(params: Params) -> Figures:
     dryrun_module.run_playbooks = timed(
         "run_playbooks", dryrun_module.run_playbooks, per_step["run_s"]
     )
-    dryrun_module._rule_totals = timed("rule totals", dryrun_module._rule_totals)
-    outcomes = dryrun_module._Outcomes
+    outcomes, totals = dryrun_module._Outcomes, dryrun_module._Totals
     outcomes.add_step = here_or_ahead("outcomes", outcomes.add_step)
     outcomes.summarize = timed("outcomes: summary", outcomes.summarize)
+    totals.add_step = here_or_ahead("rule totals", totals.add_step)
+    totals.count = here_or_ahead("rule totals", totals.count)
     runner, decider = run_module._Runner, run_module.RunDecider
     inside = "run_playbooks > "
     # These overlap: event facts are built inside event-rule matching; decide and enqueue

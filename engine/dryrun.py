@@ -398,7 +398,7 @@ def _simulate(
             summary = RuleSummary(playbook.name, rule.id, "event" if rule.on else "state")
             rules[summary.key] = summary
     step_summaries = []
-    outcomes = _Outcomes(store, window)
+    outcomes, totals = _Outcomes(store, window), _Totals()
     inputs = _step_inputs(store, settings, playbooks, steps, engine, since, incremental)
     try:
         for k, moment in enumerate(steps):
@@ -417,12 +417,14 @@ def _simulate(
             step_summaries.append(_step(store, results, rules, features.ref))
             inputs.finished(k, run_ids)
             inputs.after(partial(outcomes.add_step, as_of=moment, run_ids=run_ids))
+            inputs.after(partial(totals.add_step, run_ids=run_ids))
             if progress is not None:
                 progress(1)
+        inputs.after(totals.count)
         inputs.drain()
     finally:
         inputs.close()
-    _rule_totals(store, playbooks, rules)
+    totals.summarize(playbooks, rules)
     outcomes.summarize(rules)
     suppression: Counter[str] = Counter()
     for summary in rules.values():
@@ -557,33 +559,69 @@ def _step(
         suppressed += result.suppressed
     run_ids = [r.run_id for r in results]
     marks = ", ".join("?" for _ in run_ids)
-    for kind, column in (("aipl", "aipl_stage"), ("lifecycle", "lifecycle")):
-        conn.execute(
-            f"INSERT INTO temp.sim_mix SELECT ?, f.{column}, count(*) FROM "
-            f"{features} f WHERE f.customer_id IN (SELECT customer_id FROM actions "
-            f"WHERE run_id IN ({marks}) AND status != 'suppressed') GROUP BY 2",
-            (kind, *run_ids),
-        )
+    mix = conn.execute(
+        f"SELECT f.aipl_stage, f.lifecycle, count(*) FROM {features} f WHERE f.customer_id IN "
+        f"(SELECT customer_id FROM actions WHERE run_id IN ({marks}) AND "
+        "status != 'suppressed') GROUP BY 1, 2",
+        run_ids,
+    ).fetchall()
+    conn.executemany(
+        "INSERT INTO temp.sim_mix VALUES (?, ?, ?)",
+        [("aipl", aipl, n) for aipl, _, n in mix]
+        + [("lifecycle", lifecycle, n) for _, lifecycle, n in mix],
+    )
     as_of = results[0].as_of if results else 0
     return StepSummary(as_of, matched, queued, suppressed, by_rule)
 
 
-def _rule_totals(
-    store: Store, playbooks: Sequence[Playbook], rules: dict[str, RuleSummary]
-) -> None:
-    values = {(p.name, code): c.value for p in playbooks for code, c in p.coupons.items()}
-    conn = store.conn
-    for playbook, rule, customers in conn.execute(
-        "SELECT playbook, rule_id, count(DISTINCT customer_id) FROM actions WHERE run_id IN "
-        "(SELECT run_id FROM temp.sim_runs) AND status != 'suppressed' GROUP BY 1, 2"
-    ):
-        rules[f"{playbook}/{rule}"].customers = customers
-    for playbook, rule, coupon, n in conn.execute(
-        "SELECT playbook, rule_id, coupon, count(*) FROM actions WHERE run_id IN "
-        "(SELECT run_id FROM temp.sim_runs) AND status != 'suppressed' AND coupon IS NOT NULL "
-        "GROUP BY 1, 2, 3"
-    ):
-        rules[f"{playbook}/{rule}"].coupon_cost += round(n * values.get((playbook, coupon), 0), 2)
+_ACTED = (
+    "CREATE TEMP TABLE IF NOT EXISTS sim_acted (playbook TEXT, rule_id TEXT, customer_id TEXT, "
+    "PRIMARY KEY (playbook, rule_id, customer_id)) WITHOUT ROWID"
+)
+
+
+class _Totals:
+    """Per rule: the distinct customers it acted on over all steps and the coupons it
+    queued, added step by step (like `_Outcomes`, on whichever connection runs the jobs:
+    the customers are kept in a temp table of that connection)."""
+
+    def __init__(self) -> None:
+        self.coupons: Counter[tuple[str, str, str]] = Counter()
+        self.customers: dict[str, int] = {}
+
+    def add_step(self, conn: sqlite3.Connection, run_ids: Sequence[str]) -> None:
+        runs = json.dumps(list(run_ids))
+        conn.execute(_ACTED)
+        conn.execute(
+            "INSERT OR IGNORE INTO temp.sim_acted SELECT playbook, rule_id, customer_id "
+            "FROM actions WHERE run_id IN (SELECT value FROM json_each(?)) AND "
+            "status != 'suppressed'",
+            (runs,),
+        )
+        for playbook, rule, coupon, n in conn.execute(
+            "SELECT playbook, rule_id, coupon, count(*) FROM actions WHERE run_id IN "
+            "(SELECT value FROM json_each(?)) AND status != 'suppressed' AND coupon IS NOT "
+            "NULL GROUP BY 1, 2, 3",
+            (runs,),
+        ):
+            self.coupons[(playbook, rule, coupon)] += n
+
+    def count(self, conn: sqlite3.Connection) -> None:
+        """After the last step's `add_step`, on the same connection."""
+        conn.execute(_ACTED)
+        for playbook, rule, customers in conn.execute(
+            "SELECT playbook, rule_id, count(*) FROM temp.sim_acted GROUP BY 1, 2"
+        ):
+            self.customers[f"{playbook}/{rule}"] = customers
+        conn.execute("DROP TABLE temp.sim_acted")
+
+    def summarize(self, playbooks: Sequence[Playbook], rules: dict[str, RuleSummary]) -> None:
+        values = {(p.name, code): c.value for p in playbooks for code, c in p.coupons.items()}
+        for key, customers in self.customers.items():
+            rules[key].customers = customers
+        for (playbook, rule, coupon), n in sorted(self.coupons.items()):
+            cost = round(n * values.get((playbook, coupon), 0), 2)
+            rules[f"{playbook}/{rule}"].coupon_cost += cost
 
 
 # One row per decision of a step's runs (a rule, a customer, a trigger): whether any of its

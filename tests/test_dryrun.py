@@ -793,3 +793,39 @@ def test_what_of_a_condition_is_matched_ahead(tmp_path: Path, when: str, ahead: 
         assert got is None
     else:
         assert got == (parse_condition(ahead[0]), ahead[1])
+
+
+@pytest.mark.parametrize("ahead", [True, False])
+def test_rule_totals_count_the_simulated_queue(
+    demo: Path, monkeypatch: pytest.MonkeyPatch, ahead: bool
+) -> None:
+    """Unique customers and coupon cost per rule, added step by step (on the second core
+    or not), are what the simulated queue holds."""
+    import engine.dryrun as dryrun_module
+
+    monkeypatch.setattr(dryrun_module, "worth_looking_ahead", lambda store, steps: ahead)
+    found: dict[str, Any] = {}
+
+    def count(store: Store, _: Simulation) -> None:
+        found["customers"] = {
+            f"{p}/{r}": n
+            for p, r, n in store.conn.execute(
+                "SELECT playbook, rule_id, count(DISTINCT customer_id) FROM actions "
+                "WHERE status != 'suppressed' GROUP BY 1, 2"
+            )
+        }
+        found["coupons"] = store.conn.execute(
+            "SELECT playbook, rule_id, coupon, count(*) FROM actions WHERE status != "
+            "'suppressed' AND coupon IS NOT NULL GROUP BY 1, 2, 3"
+        ).fetchall()
+
+    playbooks = books()
+    report = dry_run(demo, SETTINGS, playbooks, AHEAD_STEPS, inspect=count)
+    values = {(p.name, c): coupon.value for p in playbooks for c, coupon in p.coupons.items()}
+    cost: dict[str, float] = {}
+    for p, r, c, n in found["coupons"]:
+        cost[f"{p}/{r}"] = cost.get(f"{p}/{r}", 0) + round(n * values[(p, c)], 2)
+    rules = report.simulation.rules
+    assert {r.key: r.customers for r in rules if r.customers} == found["customers"]
+    assert {r.key: r.coupon_cost for r in rules if r.coupon_cost} == pytest.approx(cost)
+    assert sum(found["customers"].values()) > 0 and cost
