@@ -39,9 +39,10 @@ Needs = Mapping[str, frozenset[str] | None] | None
 class EventSource(Protocol):
     """Event facts built elsewhere, handed to a run."""
 
-    def take(self, conn: sqlite3.Connection, key: Key, table: str) -> bool:
-        """Create temp.`table` with the facts of `key` (with the tags the store had when
-        the run began); False if this source does not have them."""
+    def take(self, conn: sqlite3.Connection, key: Key, table: str) -> str | None:
+        """The facts of `key` (with the tags the store had when the run began), indexed by
+        customer: a schema-qualified table the run may write tags into, e.g. temp.`table`
+        made from them; None if this source does not have them."""
         ...
 
 
@@ -220,12 +221,12 @@ class EventPrefetch:
             conn.execute("DETACH DATABASE out")
         conn.execute("DROP TABLE temp.facts")
 
-    def take(self, conn: sqlite3.Connection, key: Key, table: str) -> bool:
+    def take(self, conn: sqlite3.Connection, key: Key, table: str) -> str | None:
         """Create temp.`table` from the prefetched facts of `key`, waiting for them if they
-        are still being built; False if `key` is not prefetched."""
+        are still being built; None if `key` is not prefetched."""
         path = self.files.get(key)
         if path is None:
-            return False
+            return None
         self.ready[key].wait()
         error = self.errors.get(key)
         if error is not None:
@@ -235,7 +236,8 @@ class EventPrefetch:
         self.attached.append(alias)
         conn.execute(f'DROP TABLE IF EXISTS temp."{table}"')
         conn.execute(f'CREATE TEMP TABLE "{table}" AS SELECT * FROM {alias}.facts')
-        return True
+        conn.execute(f'CREATE INDEX temp."{table}_customer" ON "{table}" (customer_id)')
+        return f'temp."{table}"'
 
     def close(self, conn: sqlite3.Connection) -> None:
         """Stop building (interrupting a statement under way), detach what the run copied

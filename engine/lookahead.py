@@ -88,14 +88,13 @@ class StepPrepared:
     ) -> None:
         self.events, self.tables, self.retag = events, matches, retag
 
-    def take(self, conn: sqlite3.Connection, key: Key, table: str) -> bool:
+    def take(self, conn: sqlite3.Connection, key: Key, table: str) -> str | None:
         source = self.events.get(key)
         if source is None:
-            return False
-        conn.execute(f'DROP TABLE IF EXISTS temp."{table}"')
-        conn.execute(f'CREATE TEMP TABLE "{table}" AS SELECT * FROM {ALIAS}."{source}"')
-        self.retag(f'temp."{table}"')
-        return True
+            return None
+        ref = f'{ALIAS}."{source}"'  # read (and retagged) where it lies, like the features
+        self.retag(ref)
+        return ref
 
     def matches(self, where: str, values: Sequence[Any]) -> str | None:
         table = self.tables.get((where, tuple(values)))
@@ -215,8 +214,10 @@ class Lookahead:
             conn.execute("PRAGMA out.synchronous = OFF")
             for name in (table, *events.values()):
                 conn.execute(f'CREATE TABLE out."{name}" AS SELECT * FROM temp."{name}"')
-            # The run reads the features where they are (see `take`): index them here.
+            # The run reads the facts where they are (see `take`): index them here.
             conn.execute(f'CREATE UNIQUE INDEX out."{table}_customer" ON "{table}" (customer_id)')
+            for name in events.values():
+                conn.execute(f'CREATE INDEX out."{name}_customer" ON "{name}" (customer_id)')
             for where, values in self.conditions(k):
                 condition = (where, tuple(values))
                 if condition in matches:

@@ -349,13 +349,15 @@ class RunFacts:
                 self.applied[table] = self.seq
 
     def events(self, event: str, start: int) -> str:
-        """A temp table of one row per `event` in [start, as_of): features right after it."""
+        """A table (schema-qualified) of one row per `event` in [start, as_of): features
+        right after it; built here, or taken from what was built elsewhere."""
         known = self.event_tables.get((event, start))
         if known is not None:
             return known
         table = f"{EVENT_FACTS}_{len(self.event_tables)}"
         source = self.prepared if self.prepared is not None else self.prefetch
-        if source is not None and source.take(self.conn, (event, start), table):
+        ref = None if source is None else source.take(self.conn, (event, start), table)
+        if ref is not None:
             applied = 0  # built from the committed store: none of the run's tags yet
         else:
             build_event_facts(
@@ -368,8 +370,9 @@ class RunFacts:
                 needs=self.needs,
             )
             applied = self.seq  # built from the store, which has every tag written
-        self.conn.execute(f'CREATE INDEX temp."{table}_customer" ON "{table}" (customer_id)')
-        ref = self.event_tables[(event, start)] = f'temp."{table}"'
+            self.conn.execute(f'CREATE INDEX temp."{table}_customer" ON "{table}" (customer_id)')
+            ref = f'temp."{table}"'
+        self.event_tables[(event, start)] = ref
         self.applied[ref] = applied
         return ref
 

@@ -645,9 +645,9 @@ def simulate_with(
     take_matches = lookahead_module.StepPrepared.matches
     take_step = lookahead_module.Lookahead.take
 
-    def events(self: Any, conn: Any, key: Any, table: str) -> bool:
+    def events(self: Any, conn: Any, key: Any, table: str) -> str | None:
         found = take_events(self, conn, key, table)
-        taken["events"] += found
+        taken["events"] += found is not None
         return found
 
     def matches(self: Any, where: str, values: Any) -> str | None:

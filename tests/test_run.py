@@ -88,7 +88,7 @@ def run(store: Store, *books: Playbook, at: int = T0, engine: str = "sql") -> An
     return run_playbooks(store, SETTINGS, list(books), as_of=at, engine=engine)
 
 
-def force_prefetch(monkeypatch: Any, on: bool = True) -> list[bool]:
+def force_prefetch(monkeypatch: Any, on: bool = True) -> list[str | None]:
     """Prefetch event facts however few there are (`on`), or never; returns the list the
     runs' `take` calls append their answers to (so a prefetching test cannot pass without
     taking prefetched facts)."""
@@ -97,10 +97,10 @@ def force_prefetch(monkeypatch: Any, on: bool = True) -> list[bool]:
         return []
     monkeypatch.setattr(event_facts, "PREFETCH_MIN_EVENTS", 0)
     monkeypatch.setattr(event_facts.os, "cpu_count", lambda: 2)
-    taken: list[bool] = []
+    taken: list[str | None] = []
     take = event_facts.EventPrefetch.take
 
-    def recorded(self: Any, *args: Any) -> bool:
+    def recorded(self: Any, *args: Any) -> str | None:
         taken.append(take(self, *args))
         return taken[-1]
 
@@ -111,7 +111,7 @@ def force_prefetch(monkeypatch: Any, on: bool = True) -> list[bool]:
 class Prefetch:
     """Whether a test's runs prefetch event facts, and what their `take` calls answered."""
 
-    def __init__(self, on: bool, taken: list[bool]) -> None:
+    def __init__(self, on: bool, taken: list[str | None]) -> None:
         self.on, self.taken = on, taken
 
 
