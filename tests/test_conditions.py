@@ -507,9 +507,10 @@ def test_sql_text_and_parameters() -> None:
     sql, params = compile_to_sql(cond, SQL_FIELDS, TZ)
     assert sql == (
         '((c."lifecycle" = ?) AND ((c."total_spend" > ?) OR (CASE WHEN c."tags" IS NULL '
-        'THEN NULL ELSE EXISTS (SELECT 1 FROM json_each(c."tags") WHERE value = ?) END)))'
+        'THEN NULL WHEN instr(c."tags", ?) = 0 AND instr(c."tags", \'\\\') = 0 THEN 0 '
+        'ELSE EXISTS (SELECT 1 FROM json_each(c."tags") WHERE value = ?) END)))'
     )
-    assert params == ["sleeping", 500, "vip"]
+    assert params == ["sleeping", 500, "vip", "vip"]
     sql, params = compile_to_sql(parse_condition("is_friend"), SQL_FIELDS, TZ)
     assert (sql, params) == ('(c."is_friend" = 1)', [])
     sql, params = compile_to_sql(parse_condition("is_friend == true"), SQL_FIELDS, TZ)
@@ -805,3 +806,36 @@ def test_format_round_trips(cond: Condition) -> None:
     assume(len(source) <= MAX_LENGTH)
     assert parse_condition(source) == cond
     assert format_condition(parse_condition(source)) == source
+
+
+@pytest.mark.parametrize(
+    "tags",
+    [
+        None,
+        "[]",
+        '["vip"]',
+        '["kol","vip"]',
+        '["vipx"]',  # contains the text, not the element
+        '["\\u0076ip"]',  # "vip" written with an escape: no byte search can see it
+        '["a\\"vip\\"b"]',  # the text between escaped quotes
+        '["会员","vip"]',
+        '["\\u4f1a\\u5458"]',  # 会员, escaped
+    ],
+)
+@pytest.mark.parametrize("value", ["vip", "会员", 'a"b', "x\\y"])
+def test_list_membership_in_sql_is_json_membership(tags: str | None, value: str) -> None:
+    """`value in tags` skips parsing a list that cannot hold `value` (a byte search); the
+    answer is always json_each's, escapes and all."""
+    conn = sqlite3.connect(":memory:")
+    for negated in (False, True):
+        text = f"{json.dumps(value, ensure_ascii=False)} {'not in' if negated else 'in'} tags"
+        sql, params = compile_to_sql(parse_condition(text), SQL_FIELDS, TZ)
+        got = conn.execute(f"SELECT {sql} FROM (SELECT ? AS tags) c", [*params, tags]).fetchone()
+        if tags is None:
+            expected = None
+        else:
+            found = conn.execute(
+                "SELECT EXISTS (SELECT 1 FROM json_each(?) WHERE value = ?)", (tags, value)
+            ).fetchone()[0]
+            expected = int(not found) if negated else found
+        assert got[0] == expected, (text, tags)

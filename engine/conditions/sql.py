@@ -9,6 +9,7 @@ false), so ``not`` behaves exactly like the complementary test (see ``ir.to_nnf`
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import date, datetime, tzinfo
@@ -79,6 +80,10 @@ def _reads_list(cond: Condition) -> bool:
     return isinstance(cond, Contains)
 
 
+# A string JSON writes as it is (no quote, backslash or control character to escape).
+_VERBATIM = re.compile(r'[^"\\\x00-\x1f]+')
+
+
 class _Compiler:
     def __init__(self, fields: Mapping[str, SqlField], tz: tzinfo, params: list[object]) -> None:
         self.fields = fields
@@ -105,10 +110,21 @@ class _Compiler:
             return f"({expr} {'NOT IN' if cond.negated else 'IN'} ({marks}))"
         if isinstance(cond, Contains):
             exists = "NOT EXISTS" if cond.negated else "EXISTS"
+            value = cond.value.value
+            quick = ""
+            if isinstance(value, str) and _VERBATIM.fullmatch(value):
+                # A JSON text without a backslash holds every string as written: one that
+                # does not contain `value` at all cannot hold it as an element, and that is
+                # told by a byte search, without parsing the list.
+                self.params.append(value)
+                quick = (
+                    f"WHEN instr({expr}, ?) = 0 AND instr({expr}, '\\') = 0 "
+                    f"THEN {int(cond.negated)} "
+                )
             found = (
                 f"{exists} (SELECT 1 FROM json_each({expr}) WHERE value = {self.bind(cond.value)})"
             )
-            return f"(CASE WHEN {expr} IS NULL THEN NULL ELSE {found} END)"
+            return f"(CASE WHEN {expr} IS NULL THEN NULL {quick}ELSE {found} END)"
         if isinstance(cond, Between):
             word = "NOT BETWEEN" if cond.negated else "BETWEEN"
             return f"({expr} {word} {self.bind(cond.low)} AND {self.bind(cond.high)})"
