@@ -4,16 +4,20 @@ A simulation (`engine.dryrun`) runs the playbooks at each of its steps on a scra
 the store. What a step's run is judged on — every customer's features as of the step,
 and per event type the facts of the events since the previous step — depends on the
 store's history only, except for the customers' tags, which the runs themselves change.
-So while the run of step k decides, `Lookahead` builds step k+1's features (stepped, as
-`FeatureStepper` does; or from scratch) and event facts on a connection of its own, in a
-thread of its own, and writes them to a scratch file; step k+1 then copies them in
-instead of building them.
+So while the run of step k decides, `Lookahead` builds step k+1's inputs on a connection
+of its own (read-only), in a thread of its own, into a scratch file: the features
+(stepped, as `FeatureStepper` does; or from scratch), the event facts, and for each state
+rule the customers matching the part of its condition that reads no tags
+(`engine.run.matched_ahead`). Step k+1's run attaches the file and reads them there.
+Between steps the same thread runs jobs on the committed steps (`after`: a simulation's
+outcomes and rule totals).
 
 Tags: the builder reads the committed store, and it builds step k+1 only once the runs
-up to step k-1 have committed (it is never more than one step ahead), so the features it
-hands over can lack only the tag changes of step k's run. `finished(k, ...)` names the
-customers that run retagged; `take(k+1)` copies their tags from the store into the tables
-it hands over (and the run re-applies its own tag changes as usual).
+up to step k-1 have committed (it is never more than one step ahead), so what it hands
+over can lack only the tag changes of step k's run. `finished(k, ...)` finds the
+customers those runs retagged; `take(k+1)` copies their tags from the store into the
+features (and each event facts table as the run takes it); the run re-applies its own
+tag changes as usual, and checks tags itself for the rules that read them.
 
 The scratch copy must be in write-ahead-log mode, so that the builder's reads and the
 runs' writes never wait for each other.
