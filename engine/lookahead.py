@@ -76,7 +76,7 @@ class _Built:
     rows: int
     rfm: RfmThresholds
     events: dict[Key, str]  # (event type, start) -> table in the file
-    matches: dict[Condition, str]  # condition -> table of the customers satisfying it
+    matches: dict[Condition, tuple[str, int]]  # condition -> table of the customers, rows
 
 
 class StepPrepared:
@@ -87,7 +87,7 @@ class StepPrepared:
     def __init__(
         self,
         events: dict[Key, str],
-        matches: dict[Condition, str],
+        matches: dict[Condition, tuple[str, int]],
         retag: Callable[[str], None],
     ) -> None:
         self.events, self.tables, self.retag = events, matches, retag
@@ -100,9 +100,9 @@ class StepPrepared:
         self.retag(ref)
         return ref
 
-    def matches(self, where: str, values: Sequence[Any]) -> str | None:
-        table = self.tables.get((where, tuple(values)))
-        return None if table is None else f'{ALIAS}."{table}"'
+    def matches(self, where: str, values: Sequence[Any]) -> tuple[str, int] | None:
+        found = self.tables.get((where, tuple(values)))
+        return None if found is None else (f'{ALIAS}."{found[0]}"', found[1])
 
 
 class Lookahead:
@@ -211,7 +211,7 @@ class Lookahead:
             events[key] = name
         path = Path(self.scratch.name) / f"step{k}.db"
         conn, table = worker.conn, self.table
-        matches: dict[Condition, str] = {}
+        matches: dict[Condition, tuple[str, int]] = {}
         conn.execute("ATTACH DATABASE ? AS out", (str(path),))
         try:
             conn.execute("PRAGMA out.journal_mode = OFF")
@@ -226,15 +226,16 @@ class Lookahead:
                 condition = (where, tuple(values))
                 if condition in matches:
                     continue
-                name = matches[condition] = f"matches{len(matches)}"
+                name = f"matches{len(matches)}"
                 conn.execute(
                     f'CREATE TABLE out."{name}" (customer_id TEXT PRIMARY KEY) WITHOUT ROWID'
                 )
-                conn.execute(
+                rows = conn.execute(
                     f'INSERT INTO out."{name}" SELECT f.customer_id FROM temp."{table}" f '
                     f"WHERE {where}",
                     values,
-                )
+                ).rowcount
+                matches[condition] = (name, rows)
         finally:
             conn.execute("DETACH DATABASE out")
         for name in events.values():

@@ -41,6 +41,9 @@ from engine.settings import Settings
 from engine.store import Store
 
 ENGINES = ("auto", "sql", "rules")
+# A rule that reads tags reads only the customers matched ahead when they are fewer than
+# 1/SUBSET_SHARE of all: a row looked up costs several times a row read in a scan.
+SUBSET_SHARE = 8
 DEFAULT_SINCE = DAY
 EVENT_FACTS = "event_facts"
 
@@ -240,9 +243,10 @@ def check_distinct_names(playbooks: Sequence[Playbook]) -> None:
 class Prepared(EventSource, Protocol):
     """What a run's caller built ahead over the run's features (`engine.lookahead`)."""
 
-    def matches(self, where: str, values: Sequence[Any]) -> str | None:
+    def matches(self, where: str, values: Sequence[Any]) -> tuple[str, int] | None:
         """A table (customer_id) of the features' rows satisfying the state rule
-        condition compiled to `where` with `values`, or None if not built."""
+        condition compiled to `where` with `values`, and its number of rows; None if not
+        built."""
         ...
 
 
@@ -586,10 +590,12 @@ class _Runner:
             ahead = None if self.facts.prepared is None else matched_ahead(rule)
             if ahead is not None and self.facts.prepared is not None:
                 ready = self.facts.prepared.matches(*condition_sql(ahead[0], fields, self.tz))
-                if ready is not None:
-                    # Only the customers matched ahead can match: read theirs alone.
-                    rows = f"{ready} p JOIN {table} f ON f.customer_id = p.customer_id"
-                    matched, exact = (ready, True) if ahead[1] else (matched, False)
+                if ready is not None and ahead[1]:
+                    matched, exact = ready[0], True
+                elif ready is not None and ready[1] * SUBSET_SHARE < self.features.rows:
+                    # Only the customers matched ahead can match: when they are few, read
+                    # theirs alone (each looked up), else read every row.
+                    rows = f"{ready[0]} p CROSS JOIN {table} f ON f.customer_id = p.customer_id"
             if not exact:
                 conn.execute(
                     f"INSERT INTO temp.matched SELECT f.customer_id FROM {rows} WHERE {where}",

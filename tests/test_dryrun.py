@@ -650,7 +650,7 @@ def simulate_with(
         taken["events"] += found is not None
         return found
 
-    def matches(self: Any, where: str, values: Any) -> str | None:
+    def matches(self: Any, where: str, values: Any) -> tuple[str, int] | None:
         found = take_matches(self, where, values)
         taken["matches"] += found is not None
         return found
