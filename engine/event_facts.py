@@ -120,6 +120,14 @@ def count_events(conn: sqlite3.Connection, event: str, start: int, as_of: int) -
     return int(conn.execute(sql, {"start": start, "as_of": as_of, "type": event}).fetchone()[0])
 
 
+def attach_scratch(conn: sqlite3.Connection, path: Path, alias: str) -> None:
+    """Attach the scratch file at `path` (created if need be) as `alias`: written without a
+    journal or syncing — it is thrown away, never recovered."""
+    conn.execute(f"ATTACH DATABASE ? AS {alias}", (str(path),))
+    conn.execute(f"PRAGMA {alias}.journal_mode = OFF")
+    conn.execute(f"PRAGMA {alias}.synchronous = OFF")
+
+
 def worth_prefetching(store: Store, keys: Sequence[Key], as_of: int) -> bool:
     """A second core, enough events to pay for a second connection, and a store on disk in
     write-ahead-log mode (the live store always is): there a reader never waits for the
@@ -212,10 +220,8 @@ class EventPrefetch:
             base=False,
         )
         conn = worker.conn
-        conn.execute("ATTACH DATABASE ? AS out", (str(path),))
+        attach_scratch(conn, path, "out")
         try:
-            conn.execute("PRAGMA out.journal_mode = OFF")
-            conn.execute("PRAGMA out.synchronous = OFF")
             conn.execute("CREATE TABLE out.facts AS SELECT * FROM temp.facts")
         finally:
             conn.execute("DETACH DATABASE out")

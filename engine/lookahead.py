@@ -34,7 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.event_facts import Key, Needs, build_event_facts
+from engine.decide import scratch_table
+from engine.event_facts import Key, Needs, attach_scratch, build_event_facts
 from engine.features import (
     MAX_WORKERS,
     FeatureStepper,
@@ -80,9 +81,9 @@ class _Built:
 
 
 class StepPrepared:
-    """What was built ahead for one step's run (see `engine.run.Prepared`): event facts,
-    which `take` copies into the run's temp tables with the previous step's tag changes,
-    and the matches of state rules that do not read tags, read where they lie."""
+    """What was built ahead for one step's run (see `engine.run.Prepared`), read where it
+    lies in the step's attached file: event facts (`take` first copies the previous step's
+    tag changes into them) and state rules' tag-free matches."""
 
     def __init__(
         self,
@@ -194,6 +195,9 @@ class Lookahead:
                     self.worker.close()
                     self.worker = None
 
+    def _path(self, k: int) -> Path:
+        return Path(self.scratch.name) / f"step{k}.db"
+
     def _can_build(self, k: int) -> bool:
         return k < len(self.steps) and self.finished_steps >= k - 1
 
@@ -209,13 +213,11 @@ class Lookahead:
                 worker, self.settings, features, key[0], key[1], name, needs=self.needs
             )
             events[key] = name
-        path = Path(self.scratch.name) / f"step{k}.db"
+        path = self._path(k)
         conn, table = worker.conn, self.table
         matches: dict[Condition, tuple[str, int]] = {}
-        conn.execute("ATTACH DATABASE ? AS out", (str(path),))
+        attach_scratch(conn, path, "out")
         try:
-            conn.execute("PRAGMA out.journal_mode = OFF")
-            conn.execute("PRAGMA out.synchronous = OFF")
             for name in (table, *events.values()):
                 conn.execute(f'CREATE TABLE out."{name}" AS SELECT * FROM temp."{name}"')
             # The run reads the facts where they are (see `take`): index them here.
@@ -257,12 +259,9 @@ class Lookahead:
                 raise self.error
             built = self.built.pop(k)
         conn = self.conn
-        conn.execute(f"ATTACH DATABASE ? AS {ALIAS}", (str(built.path),))
+        attach_scratch(conn, built.path, ALIAS)  # the run writes tags into it
         self.attached = True
-        # A scratch file: written (tags) without a journal; read often: cached.
-        conn.execute(f"PRAGMA {ALIAS}.journal_mode = OFF")
-        conn.execute(f"PRAGMA {ALIAS}.synchronous = OFF")
-        conn.execute(f"PRAGMA {ALIAS}.cache_size = -{STEP_CACHE_KIB}")
+        conn.execute(f"PRAGMA {ALIAS}.cache_size = -{STEP_CACHE_KIB}")  # and reads it often
         features = FeatureTable(
             table=self.table, as_of=self.steps[k], rows=built.rows, rfm=built.rfm, schema=ALIAS
         )
@@ -273,10 +272,9 @@ class Lookahead:
         """Step k's runs (`run_ids`) have committed: detach the step's file, note whom they
         retagged, and let the builder start step k+2."""
         self._detach()
-        (Path(self.scratch.name) / f"step{k}.db").unlink(missing_ok=True)
+        self._path(k).unlink(missing_ok=True)
         conn = self.conn
-        conn.execute(f"DROP TABLE IF EXISTS temp.{RETAGGED}")
-        conn.execute(f"CREATE TEMP TABLE {RETAGGED} (customer_id TEXT PRIMARY KEY) WITHOUT ROWID")
+        scratch_table(conn, RETAGGED, "customer_id TEXT PRIMARY KEY")
         marks = ", ".join("?" for _ in run_ids)
         # The runs changed the tags of their queued tag actions' customers (only those).
         self.retagged = (

@@ -587,15 +587,13 @@ class _Runner:
             fields = fact_fields(self.catalog)
             where, values = condition_sql(rule.when, fields, self.tz)
             rows, exact = f"{table} f", False
-            ahead = None if self.facts.prepared is None else matched_ahead(rule)
-            if ahead is not None and self.facts.prepared is not None:
-                ready = self.facts.prepared.matches(*condition_sql(ahead[0], fields, self.tz))
-                if ready is not None and ahead[1]:
-                    matched, exact = ready[0], True
-                elif ready is not None and ready[1] * SUBSET_SHARE < self.features.rows:
-                    # Only the customers matched ahead can match: when they are few, read
-                    # theirs alone (each looked up), else read every row.
-                    rows = f"{ready[0]} p CROSS JOIN {table} f ON f.customer_id = p.customer_id"
+            ready = self._ready_matches(rule, fields)
+            if ready is not None and ready[2]:
+                matched, exact = ready[0], True
+            elif ready is not None and ready[1] * SUBSET_SHARE < self.features.rows:
+                # Only the customers matched ahead can match: when they are few, read
+                # theirs alone (each looked up), else read every row.
+                rows = f"{ready[0]} p CROSS JOIN {table} f ON f.customer_id = p.customer_id"
             if not exact:
                 conn.execute(
                     f"INSERT INTO temp.matched SELECT f.customer_id FROM {rows} WHERE {where}",
@@ -631,6 +629,15 @@ class _Runner:
             (as_of, name, rule.id),
         )
         return int(conn.execute(f"SELECT count(*) FROM temp.{CANDIDATES}").fetchone()[0])
+
+    def _ready_matches(self, rule: Rule, fields: Any) -> tuple[str, int, bool] | None:
+        """The customers matched ahead of the run for `rule` (`matched_ahead`): their table,
+        how many, and whether they are exactly its matches; None if not prepared."""
+        prepared, ahead = self.facts.prepared, matched_ahead(rule)
+        if prepared is None or ahead is None:
+            return None
+        found = prepared.matches(*condition_sql(ahead[0], fields, self.tz))
+        return None if found is None else (*found, ahead[1])
 
     def _fill_wanted(self, customers: set[str]) -> None:
         scratch_table(self.conn, "wanted", "customer_id TEXT PRIMARY KEY")
