@@ -50,6 +50,7 @@ from engine.lookahead import Lookahead, worth_looking_ahead
 from engine.playbook.model import Playbook
 from engine.run import (
     RunResult,
+    StateCondition,
     check_distinct_names,
     event_keys,
     event_needs,
@@ -322,7 +323,7 @@ def _step_inputs(
         starts = first if k == 0 else {n: max(t, steps[k - 1]) for n, t in first.items()}
         return event_keys(settings, playbooks, steps[k], starts)
 
-    def conditions(k: int) -> list[tuple[str, list[Any]]]:
+    def conditions(k: int) -> list[StateCondition]:
         return [] if engine == "rules" else state_conditions(settings, playbooks, steps[k])
 
     return Lookahead(

@@ -56,8 +56,10 @@ def build_event_facts(
     *,
     needs: Needs,
     base: bool = True,
+    schema: str = "temp",
 ) -> None:
-    """Create temp.`table`: one row per `event` in [start, features.as_of), with the
+    """Create `schema`.`table` (temp, or an attached database; replaced if there): one row
+    per `event` in [start, features.as_of), with the
     event's properties (`event.*`, `event_id`, `event_ts`) and its customer's features as
     of right after it (only those `needs` names for the event type; see
     `build_point_features`).
@@ -96,9 +98,9 @@ def build_event_facts(
         base=features if base else None,
         needs=None if needs is None else needs.get(event),
     )
-    conn.execute(f'DROP TABLE IF EXISTS temp."{table}"')
+    conn.execute(f'DROP TABLE IF EXISTS {schema}."{table}"')
     conn.execute(
-        f'CREATE TEMP TABLE "{table}" AS SELECT f.*, v.event_id, v.event_ts, {names} '
+        f'CREATE TABLE {schema}."{table}" AS SELECT f.*, v.event_id, v.event_ts, {names} '
         f'FROM temp."{points.table}" f JOIN temp.event_values v ON v.event_id = f.point_key'
     )
     conn.execute(f'DROP TABLE temp."{points.table}"')

@@ -891,8 +891,10 @@ class FeatureStepper:
             conn.execute(f'DROP TABLE IF EXISTS temp."{table}__{name}"')
             conn.execute(f'CREATE TEMP TABLE "{table}__{name}" ({columns}) WITHOUT ROWID')
 
-    def advance(self, as_of: int) -> FeatureTable:
-        """Move to `as_of` (not before the previous moment) and build the features table."""
+    def advance(self, as_of: int, *, schema: str = "temp") -> FeatureTable:
+        """Move to `as_of` (not before the previous moment) and build the features table,
+        in `schema` (an attached database, or the connection's temp tables; a table of
+        the same name there is replaced)."""
         if self.as_of is not None and as_of < self.as_of:
             raise ValueError("a FeatureStepper only moves forward in time")
         conn, t = self.store.conn, self.table
@@ -912,12 +914,15 @@ class FeatureStepper:
                 conn.execute(statement.format(t=t), params)
         thresholds = RfmThresholds(_rfm_parameters(conn, t, params))
         params.update(thresholds.values)
-        conn.execute(f'CREATE TEMP TABLE "{t}" AS {sql}', params)
-        conn.execute(f'CREATE UNIQUE INDEX temp."{t}_customer" ON "{t}" (customer_id)')
+        conn.execute(f'DROP TABLE IF EXISTS {schema}."{t}"')
+        conn.execute(f'CREATE TABLE {schema}."{t}" AS {sql}', params)
+        conn.execute(f'CREATE UNIQUE INDEX {schema}."{t}_customer" ON "{t}" (customer_id)')
         _drop_stages(conn, t, keep=KEPT_STAGES)
         self.as_of = as_of
-        rows = conn.execute(f'SELECT count(*) FROM temp."{t}"').fetchone()[0]
-        return FeatureTable(table=t, as_of=as_of, rows=int(rows), rfm=thresholds, stages=True)
+        rows = conn.execute(f'SELECT count(*) FROM {schema}."{t}"').fetchone()[0]
+        return FeatureTable(
+            table=t, as_of=as_of, rows=int(rows), rfm=thresholds, stages=True, schema=schema
+        )
 
     def _slide(self, old: int | None, new: int) -> None:
         """Move the 90- and 30-day windows from ending at `old` to ending at `new`."""

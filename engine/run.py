@@ -20,7 +20,7 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from engine.catalog import field_catalog, source_fields
 from engine.clock import DAY, get_timezone, local_day
@@ -265,11 +265,20 @@ def matched_ahead(rule: Rule) -> tuple[Condition | None, bool] | None:
     return None
 
 
+class StateCondition(NamedTuple):
+    """A condition compiled over the features table (aliased `f`): its WHERE, the values
+    bound to it, and the columns it reads."""
+
+    where: str
+    values: list[Any]
+    columns: frozenset[str]
+
+
 def state_conditions(
     settings: Settings, playbooks: Sequence[Playbook], as_of: int
-) -> list[tuple[str, list[Any]]]:
-    """The compiled conditions (WHERE, values) over the features table that a run as of
-    `as_of` can take matches of (`Prepared.matches`): per live state rule, `matched_ahead`."""
+) -> list[StateCondition]:
+    """The compiled conditions over the features table that a run as of `as_of` can take
+    matches of (`Prepared.matches`): per live state rule, `matched_ahead`."""
     fields = fact_fields(field_catalog(settings))
     found = []
     for playbook in playbooks:
@@ -277,7 +286,8 @@ def state_conditions(
         for rule in playbook.rules:
             ahead = None if rule.on is not None else matched_ahead(rule)
             if ahead is not None and skip_reason(rule, as_of, tz) is None:
-                found.append(condition_sql(ahead[0], fields, tz))
+                columns = frozenset() if ahead[0] is None else frozenset(fields_used(ahead[0]))
+                found.append(StateCondition(*condition_sql(ahead[0], fields, tz), columns))
     return found
 
 
