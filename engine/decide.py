@@ -189,10 +189,10 @@ class RunDecider:
 
         The staged rows stay readable in `temp.decisions` until the next decider starts."""
         cursor = self.conn.execute(
-            # Only a repeated decision is skipped: any other constraint failure is an error
-            # (OR IGNORE would drop such a row without a word).
-            f"INSERT INTO main.actions SELECT * FROM temp.{DECISIONS} WHERE true "
-            "ORDER BY customer_id, action_id ON CONFLICT (action_id) DO NOTHING"
+            # No decision staged is in the queue already (`_insert` looked, in this write
+            # transaction): a conflict here would be an error, never a row dropped.
+            f"INSERT INTO main.actions SELECT * FROM temp.{DECISIONS} "
+            "ORDER BY customer_id, action_id"
         )
         return int(cursor.rowcount)
 
@@ -296,7 +296,10 @@ class RunDecider:
             f"CASE WHEN {reason} IS NULL THEN 'pending' ELSE 'suppressed' END, "
             f"{reason}, {detail}, :attachments, 0 FROM ids c "
             # The same decision already in the queue (a repeated run) is not made again.
-            "WHERE NOT EXISTS (SELECT 1 FROM main.actions q WHERE q.action_id = c.id) "
+            # (Looked up among the customer's actions too: a simulation's scratch queue is
+            # indexed by customer alone, see `engine.dryrun.scratch_queue`.)
+            "WHERE NOT EXISTS (SELECT 1 FROM main.actions q WHERE q.action_id = c.id AND "
+            "q.customer_id = c.customer_id) "
             "ON CONFLICT (action_id) DO NOTHING",
             {
                 **self._params(rule),

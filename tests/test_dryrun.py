@@ -8,6 +8,7 @@ import itertools
 import json
 import math
 import shutil
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -829,3 +830,55 @@ def test_rule_totals_count_the_simulated_queue(
     assert {r.key: r.customers for r in rules if r.customers} == found["customers"]
     assert {r.key: r.coupon_cost for r in rules if r.coupon_cost} == pytest.approx(cost)
     assert sum(found["customers"].values()) > 0 and cost
+
+
+def test_a_scratch_queue_has_the_columns_and_only_the_indexes_a_simulation_reads(
+    demo: Path,
+) -> None:
+    """A simulation's queue drops the store's index on the (hashed) action id, which each
+    step would rewrite all over, and the export indexes; its columns and constraints stay."""
+    from engine.dryrun import SCRATCH_QUEUE_INDEXES, scratch_copy
+
+    def columns(conn: Any) -> list[tuple[Any, ...]]:
+        return [
+            (name, kind, bool(notnull) or name == "action_id", default)
+            for _, name, kind, notnull, default, _ in conn.execute("PRAGMA table_info(actions)")
+        ]
+
+    with open_store(demo, readonly=True) as original:
+        expected = columns(original.conn)
+        assert original.conn.execute("PRAGMA index_list(actions)").fetchall()
+    with scratch_copy(demo) as store:
+        assert columns(store.conn) == expected
+        indexes = store.conn.execute("PRAGMA index_list(actions)").fetchall()
+        assert sorted(name for _, name, *_ in indexes) == sorted(
+            sql.split()[2] for sql in SCRATCH_QUEUE_INDEXES
+        )
+        assert not [i for i in indexes if i[2]]  # nothing unique
+        with pytest.raises(sqlite3.IntegrityError, match="NOT NULL"):
+            store.conn.execute("INSERT INTO actions (action_id) VALUES ('x')")
+
+
+def test_a_scratch_queue_never_queues_a_decision_twice(demo: Path, tmp_path: Path) -> None:
+    """Without the unique index, a run still never queues a decision already in the queue
+    (it looks among the customer's actions): the same run repeated with its state lost
+    queues nothing, on a scratch queue as on the store's."""
+    from engine.dryrun import scratch_copy
+
+    moment = DEMO_END - 30 * DAY
+    shutil.copy(demo, tmp_path / "copy.db")
+    with scratch_copy(demo) as scratch, open_store(tmp_path / "copy.db") as real:
+        for store in (scratch, real):
+            first = run_playbooks(store, SETTINGS, books(), as_of=moment)
+            assert sum(r.queued for r in first) > 0
+            with store.transaction() as conn:  # as if the run had never been recorded
+                conn.execute("DELETE FROM rule_state")
+                conn.execute("DELETE FROM event_cursor")
+            again = run_playbooks(store, SETTINGS, books(), as_of=moment)
+            assert sum(r.queued + r.suppressed for r in again) == 0
+            assert sum(x.matched for r in again for x in r.rules) > 0
+        assert queue_rows(scratch) == queue_rows(real)
+        (total, ids) = scratch.conn.execute(
+            "SELECT count(*), count(DISTINCT action_id) FROM actions"
+        ).fetchone()
+        assert total == ids > 0
