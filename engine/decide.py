@@ -148,6 +148,37 @@ def attachments_of(playbook: Playbook, action: Action) -> str | None:
     return json.dumps(found, ensure_ascii=False, sort_keys=True) if found else None
 
 
+class QueueFilter:
+    """What a scratch queue (a simulation's: `engine.dryrun.scratch_queue`) may hold,
+    kept in memory, so that a run need not look up every decision in the queue.
+
+    Such a queue has no index on the (hashed) action id, and looking a decision up among
+    its customer's actions costs more as the simulation queues more. The filter answers
+    "maybe queued" for every decision of a customer who had actions before it was made,
+    and for every id it has been given since (`add`, after each run's flush; a failed
+    run ends the simulation and the copy). Only a "maybe" is then looked up exactly:
+    false positives cost a lookup, and there are no false negatives."""
+
+    FUNCTION = "pb_maybe_queued"
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.customers = {c for (c,) in conn.execute("SELECT DISTINCT customer_id FROM actions")}
+        self.ids: set[int] = set()
+        conn.create_function(self.FUNCTION, 2, self.maybe_queued)
+
+    @staticmethod
+    def _key(action_id: str) -> int:
+        return int(action_id[:16], 16)  # ids are hex digests: 64 bits of one
+
+    def maybe_queued(self, customer_id: str, action_id: str) -> bool:
+        return customer_id in self.customers or self._key(action_id) in self.ids
+
+    def add(self, conn: sqlite3.Connection) -> None:
+        """Note the ids of the decisions the run staged (and has just flushed)."""
+        key = self._key
+        self.ids.update(key(a) for (a,) in conn.execute(f"SELECT action_id FROM temp.{DECISIONS}"))
+
+
 @dataclass
 class RunDecider:
     """Applies a playbook's policies for one run, rule by rule, inside the run's transaction."""
@@ -157,6 +188,7 @@ class RunDecider:
     run_id: str
     as_of: int
     tz: tzinfo
+    queued: QueueFilter | None = None  # a scratch queue's (else the queue is looked up)
 
     def __post_init__(self) -> None:
         register_functions(self.conn)
@@ -194,6 +226,8 @@ class RunDecider:
             f"INSERT INTO main.actions SELECT * FROM temp.{DECISIONS} "
             "ORDER BY customer_id, action_id"
         )
+        if self.queued is not None:
+            self.queued.add(self.conn)
         return int(cursor.rowcount)
 
     @staticmethod
@@ -274,6 +308,7 @@ class RunDecider:
         if action.kind == "task" and action.assign_to == "owner":
             checks.append("WHEN c.owner IS NULL THEN 'unreachable'")
         action_reason = f"CASE {' '.join(checks)} END" if checks else "NULL"
+        maybe = "" if self.queued is None else f"{QueueFilter.FUNCTION}(c.customer_id, c.id) AND"
         reason = f"coalesce(c.rule_reason, {action_reason})"
         detail = (
             f"CASE WHEN c.rule_reason IS NOT NULL THEN c.rule_detail "
@@ -297,9 +332,9 @@ class RunDecider:
             f"{reason}, {detail}, :attachments, 0 FROM ids c "
             # The same decision already in the queue (a repeated run) is not made again.
             # (Looked up among the customer's actions too: a simulation's scratch queue is
-            # indexed by customer alone, see `engine.dryrun.scratch_queue`.)
-            "WHERE NOT EXISTS (SELECT 1 FROM main.actions q WHERE q.action_id = c.id AND "
-            "q.customer_id = c.customer_id) "
+            # indexed by customer alone, and only what its filter may hold is looked up.)
+            f"WHERE NOT ({maybe} EXISTS (SELECT 1 FROM main.actions q WHERE "
+            "q.action_id = c.id AND q.customer_id = c.customer_id)) "
             "ON CONFLICT (action_id) DO NOTHING",
             {
                 **self._params(rule),

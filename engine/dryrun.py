@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.clock import DAY, format_epoch
-from engine.decide import REASONS
+from engine.decide import REASONS, QueueFilter
 from engine.errors import StoreError, UsageError
 from engine.features import FeatureStepper, FeatureTable, build_features
 from engine.lookahead import Lookahead, worth_looking_ahead
@@ -390,9 +390,10 @@ def scratch_queue(store: Store) -> None:
     The store's queue is unique on `action_id`, a hash: each step's actions land all over
     that index, so a step rewrites most of its pages (a year of weekly steps spent a
     quarter of its time there). A scratch queue is written by one connection, whose runs
-    never queue an action already there (`RunDecider` checks the customer's actions), so
-    it keeps the same columns and constraints without the index; the export indexes go
-    too (nothing is exported from a copy)."""
+    never queue an action already there (`RunDecider` looks among the customer's actions
+    when the copy's `QueueFilter` says it may be there), so it keeps the same columns and
+    constraints without the index; the export indexes go too (nothing is exported from a
+    copy)."""
     conn = store.conn
     columns = []
     for _, name, kind, notnull, default, _pk in conn.execute("PRAGMA main.table_info(actions)"):
@@ -407,6 +408,7 @@ def scratch_queue(store: Store) -> None:
         conn.execute("ALTER TABLE main.scratch_actions RENAME TO actions")
         for sql in SCRATCH_QUEUE_INDEXES:
             conn.execute(sql)
+    store.queue_filter = QueueFilter(conn)
 
 
 def _simulate(

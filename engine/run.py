@@ -512,7 +512,7 @@ def _execute(
             int(time.time()),
         ),
     )
-    decider = RunDecider(conn, playbook, run_id, as_of, tz)
+    decider = RunDecider(conn, playbook, run_id, as_of, tz, store.queue_filter)
     runner = _Runner(store, settings, playbook, facts, engine, decider, tz)
     reports = [
         runner.rule(rule, start) for rule in sorted(playbook.rules, key=lambda r: r.priority)

@@ -14,10 +14,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import sqlite_utils
 
 from engine.errors import StoreError
+
+if TYPE_CHECKING:
+    from engine.decide import QueueFilter
 
 DEFAULT_DB = "playbook.db"
 SCHEMA_VERSION = 5
@@ -248,6 +252,8 @@ class Store:
     path: str
     db: sqlite_utils.Database
     readonly: bool = False
+    # A simulation's scratch copy: what its queue may hold (`engine.decide.QueueFilter`).
+    queue_filter: QueueFilter | None = None
 
     @property
     def conn(self) -> sqlite3.Connection:

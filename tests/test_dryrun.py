@@ -859,21 +859,28 @@ def test_a_scratch_queue_has_the_columns_and_only_the_indexes_a_simulation_reads
             store.conn.execute("INSERT INTO actions (action_id) VALUES ('x')")
 
 
+def forget_runs(store: Store) -> None:
+    """Lose the record of which customers matched and which events were read, as if the
+    runs had never happened (their actions stay queued)."""
+    with store.transaction() as conn:
+        conn.execute("DELETE FROM rule_state")
+        conn.execute("DELETE FROM event_cursor")
+
+
 def test_a_scratch_queue_never_queues_a_decision_twice(demo: Path, tmp_path: Path) -> None:
     """Without the unique index, a run still never queues a decision already in the queue
-    (it looks among the customer's actions): the same run repeated with its state lost
-    queues nothing, on a scratch queue as on the store's."""
+    (its filter says which may be there, the customer's actions say which are): the same
+    run repeated with its state lost queues nothing, on a scratch queue as on the store's."""
     from engine.dryrun import scratch_copy
 
     moment = DEMO_END - 30 * DAY
     shutil.copy(demo, tmp_path / "copy.db")
     with scratch_copy(demo) as scratch, open_store(tmp_path / "copy.db") as real:
+        assert scratch.queue_filter is not None and real.queue_filter is None
         for store in (scratch, real):
             first = run_playbooks(store, SETTINGS, books(), as_of=moment)
             assert sum(r.queued for r in first) > 0
-            with store.transaction() as conn:  # as if the run had never been recorded
-                conn.execute("DELETE FROM rule_state")
-                conn.execute("DELETE FROM event_cursor")
+            forget_runs(store)
             again = run_playbooks(store, SETTINGS, books(), as_of=moment)
             assert sum(r.queued + r.suppressed for r in again) == 0
             assert sum(x.matched for r in again for x in r.rules) > 0
@@ -882,3 +889,31 @@ def test_a_scratch_queue_never_queues_a_decision_twice(demo: Path, tmp_path: Pat
             "SELECT count(*), count(DISTINCT action_id) FROM actions"
         ).fetchone()
         assert total == ids > 0
+    # A copy of a store whose queue already holds these decisions: its filter knows the
+    # customers they are for.
+    with scratch_copy(tmp_path / "copy.db") as scratch:
+        assert scratch.queue_filter is not None and scratch.queue_filter.customers
+        forget_runs(scratch)
+        again = run_playbooks(scratch, SETTINGS, books(), as_of=moment)
+        assert sum(r.queued + r.suppressed for r in again) == 0
+
+
+def test_a_queue_filter_has_no_false_negatives(tmp_path: Path) -> None:
+    """Every id added, and every id of a customer who had actions, is "maybe queued"."""
+    from engine.decide import DECISIONS, QueueFilter, action_id
+
+    conn = sqlite3.connect(":memory:")
+    conn.execute("CREATE TABLE actions (customer_id TEXT, action_id TEXT)")
+    conn.execute("INSERT INTO actions VALUES ('C1', ?)", (action_id("p", "r", "C1", "t", 0),))
+    seen = QueueFilter(conn)
+    ids = [action_id("p", "r", f"C{i}", "entry:1", 0) for i in range(2, 500)]
+    conn.execute(f"CREATE TEMP TABLE {DECISIONS} (action_id TEXT)")
+    conn.executemany(f"INSERT INTO temp.{DECISIONS} VALUES (?)", [(i,) for i in ids[:250]])
+    seen.add(conn)
+    assert seen.maybe_queued("C1", action_id("p", "r", "C1", "entry:9", 0))
+    assert all(seen.maybe_queued("C0", i) for i in ids[:250])
+    assert not any(seen.maybe_queued("C0", i) for i in ids[250:])
+    (found,) = conn.execute(
+        f"SELECT count(*) FROM temp.{DECISIONS} WHERE {QueueFilter.FUNCTION}('C0', action_id)"
+    ).fetchone()
+    assert found == 250
