@@ -14,8 +14,8 @@ Stepping through time:
   `engine.features.FeatureStepper`, equal to a full build), event rules read the events
   since the previous step, and the playbooks' own simulated actions feed the cooldowns,
   caps, entry episodes and budgets of later steps, as if they had been live;
-- with a second core, each step's features, event facts and the state rules' tag-free
-  matches are built there one step ahead, and each step's outcomes added there after it
+- with a second core, each step's features, event facts and the state rules' matches
+  are built there one step ahead, and each step's outcomes added there after it
   (`engine.lookahead`; the same results as building them here, tested);
 - the real history supplies what customers did, including after each step: that is how
   outcomes are measured (orders within `window` after the step).

@@ -7,8 +7,8 @@ store's history only, except for the customers' tags, which the runs themselves 
 So while the run of step k decides, `Lookahead` builds step k+1's inputs on a connection
 of its own (read-only), in a thread of its own, into a scratch file: the features
 (stepped, as `FeatureStepper` does; or from scratch), the event facts, and for each state
-rule the customers matching the part of its condition that reads no tags
-(`engine.run.matched_ahead`). Step k+1's run attaches the file and reads them there.
+rule the customers matching its condition. Step k+1's run attaches the file and reads
+them there.
 Between steps the same thread runs jobs on the committed steps (`after`: a simulation's
 outcomes and rule totals).
 
@@ -17,7 +17,8 @@ up to step k-1 have committed (it is never more than one step ahead), so what it
 over can lack only the tag changes of step k's run. `finished(k, ...)` finds the
 customers those runs retagged; `take(k+1)` copies their tags from the store into the
 features (and each event facts table as the run takes it); the run re-applies its own
-tag changes as usual, and checks tags itself for the rules that read them.
+tag changes as usual. A rule that reads tags judges again the customers whose tags changed
+after its matches were made (`StepPrepared.stale`, and the run's own retagged).
 
 The scratch copy must be in write-ahead-log mode, so that the builder's reads and the
 runs' writes never wait for each other.
@@ -78,21 +79,24 @@ class _Built:
     rows: int
     rfm: RfmThresholds
     events: dict[Key, str]  # (event type, start) -> table in the file
-    matches: dict[Condition, tuple[str, int]]  # condition -> table of the customers, rows
+    matches: dict[Condition, str]  # condition -> table of the customers matching it
 
 
 class StepPrepared:
     """What was built ahead for one step's run (see `engine.run.Prepared`), read where it
     lies in the step's attached file: event facts (`take` first copies the previous step's
-    tag changes into them) and state rules' tag-free matches."""
+    tag changes into them) and state rules' matches (`stale`: the customers the previous
+    step retagged)."""
 
     def __init__(
         self,
         events: dict[Key, str],
-        matches: dict[Condition, tuple[str, int]],
+        matches: dict[Condition, str],
         retag: Callable[[str], None],
+        stale: str | None,
     ) -> None:
         self.events, self.tables, self.retag = events, matches, retag
+        self.retagged = stale
 
     def take(self, conn: sqlite3.Connection, key: Key, table: str) -> str | None:
         source = self.events.get(key)
@@ -102,9 +106,12 @@ class StepPrepared:
         self.retag(ref)
         return ref
 
-    def matches(self, where: str, values: Sequence[Any]) -> tuple[str, int] | None:
+    def matches(self, where: str, values: Sequence[Any]) -> str | None:
         found = self.tables.get((where, tuple(values)))
-        return None if found is None else (f'{ALIAS}."{found[0]}"', found[1])
+        return None if found is None else f'{ALIAS}."{found}"'
+
+    def stale(self) -> str | None:
+        return self.retagged
 
 
 class Lookahead:
@@ -239,13 +246,13 @@ class Lookahead:
 
     def _match(
         self, conn: sqlite3.Connection, conditions: list[StateCondition]
-    ) -> dict[Condition, tuple[str, int]]:
-        """Per distinct condition, a table of the customers matching it (and how many).
+    ) -> dict[Condition, str]:
+        """Per distinct condition, a table of the customers matching it.
 
         The conditions read a few of the features' columns: they are copied once into a
         narrow table, which each condition then scans (a third of the time of scanning
         the wide features: the scan's cost is in reading its pages and rows)."""
-        matches: dict[Condition, tuple[str, int]] = {}
+        matches: dict[Condition, str] = {}
         if not conditions:
             return matches
         columns = sorted(set().union(*(c.columns for c in conditions)) - {"customer_id"})
@@ -263,12 +270,12 @@ class Lookahead:
                 conn.execute(
                     f'CREATE TABLE out."{name}" (customer_id TEXT PRIMARY KEY) WITHOUT ROWID'
                 )
-                rows = conn.execute(
+                conn.execute(
                     f'INSERT INTO out."{name}" SELECT f.customer_id FROM temp.{NARROW} f '
                     f"WHERE {where}",
                     values,
-                ).rowcount
-                matches[condition] = (name, rows)
+                )
+                matches[condition] = name
         finally:
             conn.execute(f"DROP TABLE temp.{NARROW}")
         return matches
@@ -295,7 +302,8 @@ class Lookahead:
             table=self.table, as_of=self.steps[k], rows=built.rows, rfm=built.rfm, schema=ALIAS
         )
         self._retag(features.ref)
-        return features, StepPrepared(built.events, built.matches, self._retag)
+        stale = f"temp.{RETAGGED}" if self.retagged else None
+        return features, StepPrepared(built.events, built.matches, self._retag, stale)
 
     def finished(self, k: int, run_ids: Sequence[str]) -> None:
         """Step k's runs (`run_ids`) have committed: detach the step's file, note whom they

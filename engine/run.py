@@ -24,7 +24,7 @@ from typing import Any, NamedTuple, Protocol
 
 from engine.catalog import field_catalog, source_fields
 from engine.clock import DAY, get_timezone, local_day
-from engine.conditions.ir import And, Condition, fields_used
+from engine.conditions.ir import fields_used
 from engine.decide import CANDIDATES, DECISIONS, REASONS, RunDecider, scratch_table
 from engine.errors import UsageError
 from engine.event_facts import (
@@ -41,9 +41,6 @@ from engine.settings import Settings
 from engine.store import Store
 
 ENGINES = ("auto", "sql", "rules")
-# A rule that reads tags reads only the customers matched ahead when they are fewer than
-# 1/SUBSET_SHARE of all: a row looked up costs several times a row read in a scan.
-SUBSET_SHARE = 8
 DEFAULT_SINCE = DAY
 EVENT_FACTS = "event_facts"
 
@@ -243,26 +240,17 @@ def check_distinct_names(playbooks: Sequence[Playbook]) -> None:
 class Prepared(EventSource, Protocol):
     """What a run's caller built ahead over the run's features (`engine.lookahead`)."""
 
-    def matches(self, where: str, values: Sequence[Any]) -> tuple[str, int] | None:
+    def matches(self, where: str, values: Sequence[Any]) -> str | None:
         """A table (customer_id) of the features' rows satisfying the state rule
-        condition compiled to `where` with `values`, and its number of rows; None if not
-        built."""
+        condition compiled to `where` with `values` — with the tags the features had when
+        they were built; None if not built."""
         ...
 
-
-def matched_ahead(rule: Rule) -> tuple[Condition | None, bool] | None:
-    """What of a state rule's condition can be matched ahead of its run, on features whose
-    tags may be out of date (tags change as a run goes): the whole condition when it reads
-    no tags (exact: True); else the conjuncts of a top-level `and` that read none (the
-    customers matching them include every match: False); None when there are none."""
-    when = rule.when
-    if when is None or "tags" not in fields_used(when):
-        return when, True
-    if isinstance(when, And):
-        items = tuple(item for item in when.items if "tags" not in fields_used(item))
-        if items:
-            return (items[0] if len(items) == 1 else And(items)), False
-    return None
+    def stale(self) -> str | None:
+        """A table (customer_id) of the customers whose tags have changed since `matches`
+        were made (before this run), if any: a rule that reads tags must judge them
+        again."""
+        ...
 
 
 class StateCondition(NamedTuple):
@@ -277,17 +265,16 @@ class StateCondition(NamedTuple):
 def state_conditions(
     settings: Settings, playbooks: Sequence[Playbook], as_of: int
 ) -> list[StateCondition]:
-    """The compiled conditions over the features table that a run as of `as_of` can take
-    matches of (`Prepared.matches`): per live state rule, `matched_ahead`."""
+    """The conditions of the state rules live at `as_of`, compiled over the features table
+    (`Prepared.matches` takes their matches)."""
     fields = fact_fields(field_catalog(settings))
     found = []
     for playbook in playbooks:
         tz = playbook_tz(playbook, settings)
         for rule in playbook.rules:
-            ahead = None if rule.on is not None else matched_ahead(rule)
-            if ahead is not None and skip_reason(rule, as_of, tz) is None:
-                columns = frozenset() if ahead[0] is None else frozenset(fields_used(ahead[0]))
-                found.append(StateCondition(*condition_sql(ahead[0], fields, tz), columns))
+            if rule.on is None and skip_reason(rule, as_of, tz) is None:
+                columns = frozenset() if rule.when is None else frozenset(fields_used(rule.when))
+                found.append(StateCondition(*condition_sql(rule.when, fields, tz), columns))
     return found
 
 
@@ -349,6 +336,10 @@ class RunFacts:
             "ON CONFLICT (customer_id) DO UPDATE SET tags = excluded.tags, seq = excluded.seq",
             (self.seq,),
         )
+
+    def retagged(self) -> str | None:
+        """The table (customer_id, ...) of the customers this run has retagged, if any."""
+        return "temp.run_tags" if self.seq else None
 
     def fresh_tags(self, *tables: str) -> None:
         """Bring these tables' tags up to date with what the run wrote, before reading them:
@@ -594,21 +585,7 @@ class _Runner:
                 ((c,) for c in sorted(self._durable_matches(rule, table, "customer_id"))),
             )
         else:
-            fields = fact_fields(self.catalog)
-            where, values = condition_sql(rule.when, fields, self.tz)
-            rows, exact = f"{table} f", False
-            ready = self._ready_matches(rule, fields)
-            if ready is not None and ready[2]:
-                matched, exact = ready[0], True
-            elif ready is not None and ready[1] * SUBSET_SHARE < self.features.rows:
-                # Only the customers matched ahead can match: when they are few, read
-                # theirs alone (each looked up), else read every row.
-                rows = f"{ready[0]} p CROSS JOIN {table} f ON f.customer_id = p.customer_id"
-            if not exact:
-                conn.execute(
-                    f"INSERT INTO temp.matched SELECT f.customer_id FROM {rows} WHERE {where}",
-                    values,
-                )
+            matched = self._sql_matches(rule, table)
         # Entering: matched now, not matching at the rule's previous evaluation. Only they
         # are written; customers still matching are read, never rewritten.
         scratch_table(conn, "entered", "customer_id TEXT PRIMARY KEY, episode INTEGER")
@@ -640,14 +617,34 @@ class _Runner:
         )
         return int(conn.execute(f"SELECT count(*) FROM temp.{CANDIDATES}").fetchone()[0])
 
-    def _ready_matches(self, rule: Rule, fields: Any) -> tuple[str, int, bool] | None:
-        """The customers matched ahead of the run for `rule` (`matched_ahead`): their table,
-        how many, and whether they are exactly its matches; None if not prepared."""
-        prepared, ahead = self.facts.prepared, matched_ahead(rule)
-        if prepared is None or ahead is None:
-            return None
-        found = prepared.matches(*condition_sql(ahead[0], fields, self.tz))
-        return None if found is None else (*found, ahead[1])
+    def _sql_matches(self, rule: Rule, table: str) -> str:
+        """The table of the customers matching a state rule (filled here, unless the
+        matches built ahead are exactly them)."""
+        where, values = condition_sql(rule.when, fact_fields(self.catalog), self.tz)
+        prepared = self.facts.prepared
+        ahead = None if prepared is None else prepared.matches(where, values)
+        if ahead is None:
+            self.conn.execute(
+                f"INSERT INTO temp.matched SELECT f.customer_id FROM {table} f WHERE {where}",
+                values,
+            )
+            return "temp.matched"
+        assert prepared is not None
+        changed = [] if not reads_tags(rule) else [prepared.stale(), self.facts.retagged()]
+        stale = " UNION ".join(f"SELECT customer_id FROM {t}" for t in changed if t)
+        if not stale:
+            return ahead
+        # Matched ahead on tags some customers no longer have: theirs are judged again.
+        self.conn.execute(
+            f"INSERT INTO temp.matched SELECT customer_id FROM {ahead} WHERE customer_id "
+            f"NOT IN ({stale})"
+        )
+        self.conn.execute(
+            f"INSERT OR IGNORE INTO temp.matched SELECT f.customer_id FROM ({stale}) s "
+            f"CROSS JOIN {table} f ON f.customer_id = s.customer_id WHERE {where}",
+            values,
+        )
+        return "temp.matched"
 
     def _fill_wanted(self, customers: set[str]) -> None:
         scratch_table(self.conn, "wanted", "customer_id TEXT PRIMARY KEY")

@@ -651,7 +651,7 @@ def simulate_with(
         taken["events"] += found is not None
         return found
 
-    def matches(self: Any, where: str, values: Any) -> tuple[str, int] | None:
+    def matches(self: Any, where: str, values: Any) -> str | None:
         found = take_matches(self, where, values)
         taken["matches"] += found is not None
         return found
@@ -724,6 +724,27 @@ def test_a_step_built_ahead_gets_the_tags_of_the_run_before(
     assert broken_rows != rows
 
 
+@pytest.mark.parametrize("forget", ["previous step", "this run"])
+def test_a_rule_on_tags_judges_again_whom_it_was_matched_ahead_for(
+    demo: Path, monkeypatch: pytest.MonkeyPatch, forget: str
+) -> None:
+    """Matches made ahead read the tags of the step before: a rule that reads tags would
+    act on stale tags without judging again the customers retagged since (by the previous
+    step, or earlier in the same step), so the tests above would see it."""
+    import engine.lookahead as lookahead_module
+    import engine.run as run_module
+
+    _, rows, taken = simulate_with(demo, monkeypatch, True)
+    assert taken["matches"] > 0
+    build_next_step_first(monkeypatch)
+    if forget == "previous step":
+        monkeypatch.setattr(lookahead_module.StepPrepared, "stale", lambda self: None)
+    else:
+        monkeypatch.setattr(run_module.RunFacts, "retagged", lambda self: None)
+    _, broken_rows, _ = simulate_with(demo, monkeypatch, True)
+    assert broken_rows != rows
+
+
 def test_a_failure_on_the_second_core_fails_the_dry_run_and_clears_up(
     demo: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
@@ -764,36 +785,6 @@ def test_when_looking_ahead_pays(demo: Path, monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(lookahead_module.os, "cpu_count", lambda: 2)
     with scratch_copy(demo) as store:  # a rollback journal: reader and writer could wait
         assert not lookahead_module.worth_looking_ahead(store, 2)
-
-
-@pytest.mark.parametrize(
-    ("when", "ahead"),
-    [
-        ("order_count >= 3", ("order_count >= 3", True)),  # no tags: the whole condition
-        (
-            '"vip" in tags and total_spend >= 3000 and is_friend',
-            ("total_spend >= 3000 and is_friend", False),  # tags left to the run
-        ),
-        ('"vip" in tags and is_friend', ("is_friend", False)),
-        ('"vip" in tags or total_spend >= 3000', "nothing"),  # no conjunct without tags
-        ('"vip" in tags', "nothing"),
-    ],
-)
-def test_what_of_a_condition_is_matched_ahead(tmp_path: Path, when: str, ahead: Any) -> None:
-    """A lookahead matches ahead of the run what does not depend on tags (which the run
-    changes as it goes); the run then checks only those customers against the whole
-    condition."""
-    from engine.conditions import parse_condition
-    from engine.run import matched_ahead
-
-    condition = f"    when: {json.dumps(when, ensure_ascii=False)}\n"
-    body = f"rules:\n  - id: r\n{condition}    then:\n      - task: {{assign_to: owner, note: x}}\n"
-    rule = playbook(tmp_path, body).rules[0]
-    got = matched_ahead(rule)
-    if ahead == "nothing":
-        assert got is None
-    else:
-        assert got == (parse_condition(ahead[0]), ahead[1])
 
 
 @pytest.mark.parametrize("ahead", [True, False])
