@@ -671,17 +671,20 @@ WITH d AS (
          max(a.reason IN ('cap', 'group')) AS blocked
   FROM actions a WHERE a.run_id IN (SELECT value FROM json_each(:runs))
   GROUP BY a.playbook, a.rule_id, a.customer_id, a.trigger
+),
+-- Each customer's orders in the window, read once (a customer may have many decisions).
+w AS (
+  SELECT o.customer_id, count(*) AS n, sum(o.amount_cents) AS cents
+  FROM orders o WHERE o.customer_id IN (SELECT customer_id FROM d)
+    AND o.ts >= :as_of AND o.ts < :as_of + :window
+  GROUP BY o.customer_id
 )
-SELECT d.playbook, d.rule_id, d.acted, d.held, d.blocked,
-       (SELECT count(*) FROM orders o WHERE o.customer_id = d.customer_id
-          AND o.ts >= :as_of AND o.ts < :as_of + :window),
-       (SELECT coalesce(sum(o.amount_cents), 0) FROM orders o
-          WHERE o.customer_id = d.customer_id AND o.ts >= :as_of
-            AND o.ts < :as_of + :window)
+SELECT d.playbook, d.rule_id, d.acted, d.held, d.blocked, coalesce(w.n, 0),
+       coalesce(w.cents, 0)
          - (SELECT coalesce(sum(f.amount_cents), 0) FROM refunds f
           WHERE f.customer_id = d.customer_id AND f.ts >= :as_of
             AND f.ts < :as_of + :window)
-FROM d
+FROM d LEFT JOIN w ON w.customer_id = d.customer_id
 """
 
 

@@ -307,6 +307,7 @@ class RunFacts:
         self.applied: dict[str, int] = {features.ref: 0}
         self.prefetch: EventPrefetch | None = None  # started by this run, closed by it
         self.prepared: Prepared | None = None  # built ahead by the caller
+        self.stale_seq = -1  # `stale` holds the customers retagged up to this write
         self.conn.execute("DROP TABLE IF EXISTS temp.run_tags")
 
     @property
@@ -340,6 +341,22 @@ class RunFacts:
     def retagged(self) -> str | None:
         """The table (customer_id, ...) of the customers this run has retagged, if any."""
         return "temp.run_tags" if self.seq else None
+
+    def stale(self, prepared: Prepared) -> str | None:
+        """A table (customer_id) of the customers whose tags changed after `prepared`'s
+        matches were made — before this run, or by it so far — if any (kept until the
+        run writes tags again)."""
+        sources = [t for t in (prepared.stale(), self.retagged()) if t]
+        if not sources:
+            return None
+        if self.stale_seq != self.seq:
+            scratch_table(self.conn, "stale", "customer_id TEXT PRIMARY KEY")
+            for source in sources:
+                self.conn.execute(
+                    f"INSERT OR IGNORE INTO temp.stale SELECT customer_id FROM {source}"
+                )
+            self.stale_seq = self.seq
+        return "temp.stale"
 
     def fresh_tags(self, *tables: str) -> None:
         """Bring these tables' tags up to date with what the run wrote, before reading them:
@@ -630,17 +647,16 @@ class _Runner:
             )
             return "temp.matched"
         assert prepared is not None
-        changed = [] if not reads_tags(rule) else [prepared.stale(), self.facts.retagged()]
-        stale = " UNION ".join(f"SELECT customer_id FROM {t}" for t in changed if t)
-        if not stale:
+        stale = self.facts.stale(prepared) if reads_tags(rule) else None
+        if stale is None:
             return ahead
         # Matched ahead on tags some customers no longer have: theirs are judged again.
         self.conn.execute(
             f"INSERT INTO temp.matched SELECT customer_id FROM {ahead} WHERE customer_id "
-            f"NOT IN ({stale})"
+            f"NOT IN (SELECT customer_id FROM {stale})"
         )
         self.conn.execute(
-            f"INSERT OR IGNORE INTO temp.matched SELECT f.customer_id FROM ({stale}) s "
+            f"INSERT OR IGNORE INTO temp.matched SELECT f.customer_id FROM {stale} s "
             f"CROSS JOIN {table} f ON f.customer_id = s.customer_id WHERE {where}",
             values,
         )
