@@ -362,8 +362,7 @@ def scratch_copy(db: str | os.PathLike[str], *, concurrent: bool = False) -> Ite
             raise StoreError(str(exc).replace(str(copy), str(path))) from None
         try:
             # A scratch file needs no durability: no syncing, and no write-ahead log unless
-            # a reader must not wait for the writer. The simulation reads its own runs'
-            # actions back at every step: index them.
+            # a reader must not wait for the writer.
             if not concurrent:
                 store.conn.execute("PRAGMA journal_mode = MEMORY")
             store.conn.execute("PRAGMA synchronous = OFF")

@@ -466,9 +466,15 @@ def _custom_feature_cte(
 
 
 def build_features(
-    store: Store, settings: Settings, as_of: int, *, table: str = FEATURE_TABLE
+    store: Store,
+    settings: Settings,
+    as_of: int,
+    *,
+    table: str = FEATURE_TABLE,
+    schema: str = "temp",
 ) -> FeatureTable:
-    """Materialise every customer's features as of `as_of` into the temp table `table`."""
+    """Materialise every customer's features as of `as_of` into the table `table` of
+    `schema` (the connection's temp tables, or an attached database)."""
     conn = store.conn
     sql, params = features_query(settings, as_of, table)
     _drop(conn, table)
@@ -478,13 +484,24 @@ def build_features(
         _aggregate_in_parallel(store, table, params, ranges)
     else:
         _aggregate(conn, table, params, into="temp.", src="", bounds=(None, None))
-    thresholds = RfmThresholds(_rfm_parameters(conn, table, params))
+    return _materialise(conn, table, schema, as_of, sql, params)
+
+
+def _materialise(
+    conn: sqlite3.Connection, t: str, schema: str, as_of: int, sql: str, params: dict[str, Any]
+) -> FeatureTable:
+    """From the stage tables: the RFM thresholds, then `schema`.`t` (replaced if there),
+    indexed by customer; the stages the point builds read are kept."""
+    thresholds = RfmThresholds(_rfm_parameters(conn, t, params))
     params.update(thresholds.values)
-    conn.execute(f'CREATE TEMP TABLE "{table}" AS {sql}', params)
-    conn.execute(f'CREATE UNIQUE INDEX temp."{table}_customer" ON "{table}" (customer_id)')
-    _drop_stages(conn, table, keep=KEPT_STAGES)
-    rows = conn.execute(f'SELECT count(*) FROM temp."{table}"').fetchone()[0]
-    return FeatureTable(table=table, as_of=as_of, rows=int(rows), rfm=thresholds, stages=True)
+    conn.execute(f'DROP TABLE IF EXISTS {schema}."{t}"')
+    conn.execute(f'CREATE TABLE {schema}."{t}" AS {sql}', params)
+    conn.execute(f'CREATE UNIQUE INDEX {schema}."{t}_customer" ON "{t}" (customer_id)')
+    _drop_stages(conn, t, keep=KEPT_STAGES)
+    rows = conn.execute(f'SELECT count(*) FROM {schema}."{t}"').fetchone()[0]
+    return FeatureTable(
+        table=t, as_of=as_of, rows=int(rows), rfm=thresholds, stages=True, schema=schema
+    )
 
 
 @dataclass(frozen=True)
@@ -912,17 +929,8 @@ class FeatureStepper:
         for statement in _STEP_STAGES.split(";"):
             if statement.strip():
                 conn.execute(statement.format(t=t), params)
-        thresholds = RfmThresholds(_rfm_parameters(conn, t, params))
-        params.update(thresholds.values)
-        conn.execute(f'DROP TABLE IF EXISTS {schema}."{t}"')
-        conn.execute(f'CREATE TABLE {schema}."{t}" AS {sql}', params)
-        conn.execute(f'CREATE UNIQUE INDEX {schema}."{t}_customer" ON "{t}" (customer_id)')
-        _drop_stages(conn, t, keep=KEPT_STAGES)
         self.as_of = as_of
-        rows = conn.execute(f'SELECT count(*) FROM {schema}."{t}"').fetchone()[0]
-        return FeatureTable(
-            table=t, as_of=as_of, rows=int(rows), rfm=thresholds, stages=True, schema=schema
-        )
+        return _materialise(conn, t, schema, as_of, sql, params)
 
     def _slide(self, old: int | None, new: int) -> None:
         """Move the 90- and 30-day windows from ending at `old` to ending at `new`."""

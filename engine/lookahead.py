@@ -96,7 +96,7 @@ class StepPrepared:
         stale: str | None,
     ) -> None:
         self.events, self.tables, self.retag = events, matches, retag
-        self.retagged = stale
+        self.stale_customers = stale
 
     def take(self, conn: sqlite3.Connection, key: Key, table: str) -> str | None:
         source = self.events.get(key)
@@ -111,7 +111,7 @@ class StepPrepared:
         return None if found is None else f'{ALIAS}."{found}"'
 
     def stale(self) -> str | None:
-        return self.retagged
+        return self.stale_customers
 
 
 class Lookahead:
@@ -210,7 +210,7 @@ class Lookahead:
         return k < len(self.steps) and self.finished_steps >= k - 1
 
     def _build(self, worker: Store, stepper: FeatureStepper | None, k: int, moment: int) -> _Built:
-        conn, table = worker.conn, self.table
+        conn = worker.conn
         attach_scratch(conn, self._path(k), "out")
         try:
             conn.execute(f"PRAGMA out.cache_size = -{LOOKAHEAD_CACHE_KIB}")
@@ -218,11 +218,8 @@ class Lookahead:
             if stepper is not None:
                 features = stepper.advance(moment, schema="out")
             else:
-                features = build_features(worker, self.settings, moment, table=table)
-                conn.execute(f'CREATE TABLE out."{table}" AS SELECT * FROM {features.ref}')
-                conn.execute(f"DROP TABLE {features.ref}")
-                conn.execute(
-                    f'CREATE UNIQUE INDEX out."{table}_customer" ON "{table}" (customer_id)'
+                features = build_features(
+                    worker, self.settings, moment, table=self.table, schema="out"
                 )
             events: dict[Key, str] = {}
             for key in self.keys(k):

@@ -61,6 +61,22 @@ def queue_rows(store: Store, where: str = "", args: tuple[Any, ...] = ()) -> lis
     ).fetchall()
 
 
+def dry_run_queue(
+    db: Path, steps: list[int], **options: Any
+) -> tuple[DryRun, list[tuple[Any, ...]]]:
+    """A dry run of the example playbooks, and its simulated queue (`queue_rows`)."""
+    seen: dict[str, Any] = {}
+    report = dry_run(
+        db,
+        SETTINGS,
+        books(),
+        steps,
+        inspect=lambda store, _: seen.update(rows=queue_rows(store)),
+        **options,
+    )
+    return report, seen["rows"]
+
+
 def test_the_store_is_never_written(demo: Path, tmp_path: Path) -> None:
     folder = tmp_path / "ro"
     folder.mkdir()
@@ -94,16 +110,11 @@ def test_the_store_is_never_written(demo: Path, tmp_path: Path) -> None:
 
 def test_a_dry_run_equals_a_real_run_on_a_copy(demo: Path, tmp_path: Path) -> None:
     moment = DEMO_END - 30 * DAY
-    seen: dict[str, Any] = {}
-
-    def keep(store: Store, sim: Simulation) -> None:
-        seen["rows"] = queue_rows(store)
-
-    report = dry_run(demo, SETTINGS, books(), [moment], inspect=keep)
+    report, rows = dry_run_queue(demo, [moment])
     shutil.copy(demo, tmp_path / "copy.db")
     with open_store(tmp_path / "copy.db") as store:
         results = run_playbooks(store, SETTINGS, books(), as_of=moment)
-        assert seen["rows"] == queue_rows(store)
+        assert rows == queue_rows(store)
     assert report.simulation.queued == sum(r.queued for r in results) > 0
     real = {
         (r.playbook, x.rule_id): (x.matched, x.queued, x.suppressed)
@@ -140,13 +151,12 @@ def test_caps_read_their_window_from_an_index(demo: Path) -> None:
 def test_steps_equal_live_runs_step_by_step(demo: Path, tmp_path: Path) -> None:
     """The simulation is what running the playbooks live at every step would have done."""
     steps = steps_between(DEMO_END - 60 * DAY, DEMO_END - 15 * DAY, 7 * DAY)
-    seen: dict[str, Any] = {}
-    dry_run(demo, SETTINGS, books(), steps, inspect=lambda s, _: seen.update(rows=queue_rows(s)))
+    _, rows = dry_run_queue(demo, steps)
     shutil.copy(demo, tmp_path / "live.db")
     with open_store(tmp_path / "live.db") as store:
         for moment in steps:
             run_playbooks(store, SETTINGS, books(), as_of=moment)
-        assert seen["rows"] == queue_rows(store)
+        assert rows == queue_rows(store)
 
 
 def test_state_carries_across_steps(store: Store, tmp_path: Path) -> None:
@@ -433,14 +443,7 @@ def test_a_playbook_with_newer_live_state_starts_fresh(demo: Path, tmp_path: Pat
     with open_store(tmp_path / "live.db") as store:
         run_playbooks(store, SETTINGS, books(), as_of=DEMO_END)  # live, "today"
     earlier = DEMO_END - 30 * DAY
-    seen: dict[str, Any] = {}
-    report = dry_run(
-        tmp_path / "live.db",
-        SETTINGS,
-        books(),
-        [earlier],
-        inspect=lambda s, _: seen.update(rows=queue_rows(s)),
-    )
+    report = dry_run(tmp_path / "live.db", SETTINGS, books(), [earlier])
     fresh = dry_run(demo, SETTINGS, books(), [earlier])
     assert any("simulated as if switched on then" in n for n in report.simulation.notes)
     assert any("set aside" in n for n in report.simulation.notes)
@@ -515,18 +518,10 @@ def test_every_engine_simulates_the_same(demo: Path) -> None:
     steps = steps_between(DEMO_END - 40 * DAY, DEMO_END - 15 * DAY, 7 * DAY)
     found = {}
     for engine in ("sql", "auto", "rules"):
-        seen: dict[str, Any] = {}
-        report = dry_run(
-            demo,
-            SETTINGS,
-            books(),
-            steps,
-            engine=engine,
-            inspect=lambda s, _, seen=seen: seen.update(rows=queue_rows(s)),
-        )
+        report, rows = dry_run_queue(demo, steps, engine=engine)
         data = report.to_dict()
         data.pop("engine")
-        found[engine] = (data, seen["rows"])
+        found[engine] = (data, rows)
     assert found["sql"] == found["auto"] == found["rules"]
     assert found["sql"][0]["simulation"]["queued"] > 0
 
@@ -663,17 +658,9 @@ def simulate_with(
     monkeypatch.setattr(lookahead_module.StepPrepared, "take", events)
     monkeypatch.setattr(lookahead_module.StepPrepared, "matches", matches)
     monkeypatch.setattr(lookahead_module.Lookahead, "take", step)
-    seen: dict[str, Any] = {}
-    report = dry_run(
-        demo,
-        SETTINGS,
-        books(),
-        AHEAD_STEPS,
-        inspect=lambda s, _: seen.update(rows=queue_rows(s)),
-        **options,
-    )
+    report, rows = dry_run_queue(demo, AHEAD_STEPS, **options)
     monkeypatch.undo()
-    return report.to_dict(), seen["rows"], taken
+    return report.to_dict(), rows, taken
 
 
 def build_next_step_first(monkeypatch: pytest.MonkeyPatch) -> None:
