@@ -288,7 +288,7 @@ class _InPlace:
             return self.stepper.advance(self.steps[k]), None
         return build_features(self.store, self.settings, self.steps[k]), None
 
-    def finished(self, k: int, run_ids: Sequence[str]) -> None:
+    def finished(self, k: int, results: Sequence[RunResult]) -> None:
         pass
 
     def after(self, job: Callable[[sqlite3.Connection], None]) -> None:
@@ -450,7 +450,7 @@ def _simulate(
             )
             run_ids = [r.run_id for r in results]
             step_summaries.append(_step(store, results, rules, features.ref))
-            inputs.finished(k, run_ids)
+            inputs.finished(k, results)
             inputs.after(partial(outcomes.add_step, as_of=moment, run_ids=run_ids))
             inputs.after(partial(totals.add_step, run_ids=run_ids))
             if progress is not None:
@@ -594,10 +594,11 @@ def _step(
         suppressed += result.suppressed
     run_ids = [r.run_id for r in results]
     marks = ", ".join("?" for _ in run_ids)
+    # The step's targeted customers (a fraction of all), each looked up in the features.
     mix = conn.execute(
-        f"SELECT f.aipl_stage, f.lifecycle, count(*) FROM {features} f WHERE f.customer_id IN "
-        f"(SELECT customer_id FROM actions WHERE run_id IN ({marks}) AND "
-        "status != 'suppressed') GROUP BY 1, 2",
+        "SELECT f.aipl_stage, f.lifecycle, count(*) FROM (SELECT DISTINCT customer_id FROM "
+        f"actions WHERE run_id IN ({marks}) AND status != 'suppressed') a "
+        f"CROSS JOIN {features} f ON f.customer_id = a.customer_id GROUP BY 1, 2",
         run_ids,
     ).fetchall()
     conn.executemany(

@@ -14,8 +14,8 @@ outcomes and rule totals).
 
 Tags: the builder reads the committed store, and it builds step k+1 only once the runs
 up to step k-1 have committed (it is never more than one step ahead), so what it hands
-over can lack only the tag changes of step k's run. `finished(k, ...)` finds the
-customers those runs retagged; `take(k+1)` copies their tags from the store into the
+over can lack only the tag changes of step k's run. `finished(k, ...)` takes the
+customers those runs retagged, with their tags; `take(k+1)` copies those tags into the
 features (and each event facts table as the run takes it); the run re-applies its own
 tag changes as usual. A rule that reads tags judges again the customers whose tags changed
 after its matches were made (`StepPrepared.stale`, and the run's own retagged).
@@ -44,7 +44,7 @@ from engine.features import (
     RfmThresholds,
     build_features,
 )
-from engine.run import StateCondition, copy_tags
+from engine.run import RunResult, StateCondition, TagWrite, copy_tags, merge_tag_writes
 from engine.settings import Settings
 from engine.store import Store, open_store
 
@@ -119,7 +119,7 @@ class Lookahead:
     of the runs (see the module docstring).
 
     The simulation calls, for each step k in order: `take(k)` (waits for the step's inputs
-    and attaches them), the run, then `finished(k, run_ids)` once the run has committed
+    and attaches them), the run, then `finished(k, results)` once the run has committed
     (detaches them, and lets the builder start step k+2). Work on the committed steps can
     be handed to the builder's thread too (`after`; `drain` waits for it). `close` stops the
     builder and deletes its files, whatever state it is in."""
@@ -302,23 +302,20 @@ class Lookahead:
         stale = f"temp.{RETAGGED}" if self.retagged else None
         return features, StepPrepared(built.events, built.matches, self._retag, stale)
 
-    def finished(self, k: int, run_ids: Sequence[str]) -> None:
-        """Step k's runs (`run_ids`) have committed: detach the step's file, note whom they
-        retagged, and let the builder start step k+2."""
+    def finished(self, k: int, results: Sequence[RunResult]) -> None:
+        """Step k's runs have committed: detach the step's file, note whom they retagged
+        (and their tags now), and let the builder start step k+2."""
         self._detach()
         self._path(k).unlink(missing_ok=True)
-        conn = self.conn
-        scratch_table(conn, RETAGGED, "customer_id TEXT PRIMARY KEY")
-        marks = ", ".join("?" for _ in run_ids)
-        # The runs changed the tags of their queued tag actions' customers (only those).
-        self.retagged = (
-            conn.execute(
-                f"INSERT INTO temp.{RETAGGED} SELECT DISTINCT customer_id FROM main.actions "
-                f"WHERE run_id IN ({marks}) AND type = 'tag' AND status != 'suppressed'",
-                list(run_ids),
-            ).rowcount
-            > 0
+        written: dict[str, TagWrite] = {}
+        for result in results:  # in the order they ran: the last one's tags are the store's
+            merge_tag_writes(written, result.tags_written)
+        scratch_table(self.conn, RETAGGED, "customer_id TEXT PRIMARY KEY, tags TEXT, changed TEXT")
+        self.conn.executemany(
+            f"INSERT INTO temp.{RETAGGED} VALUES (?, ?, ?)",
+            ((c, w.tags, w.changed) for c, w in written.items()),
         )
+        self.retagged = bool(written)
         with self.changed:
             self.finished_steps = k + 1
             self.changed.notify_all()
@@ -340,15 +337,10 @@ class Lookahead:
                 raise self.error
 
     def _retag(self, table: str) -> None:
-        """Copy the store's tags of the customers the previous step's runs retagged into
-        `table` (schema-qualified)."""
+        """Copy the tags of the customers the previous step's runs retagged (as they left
+        them) into `table` (schema-qualified)."""
         if self.retagged:
-            copy_tags(
-                self.conn,
-                table,
-                f"(SELECT c.customer_id, c.tags FROM temp.{RETAGGED} r "
-                "JOIN main.customers c USING (customer_id))",
-            )
+            copy_tags(self.conn, table, f"temp.{RETAGGED}")
 
     def _detach(self) -> None:
         if self.attached:

@@ -24,7 +24,7 @@ from typing import Any, NamedTuple, Protocol
 
 from engine.catalog import field_catalog, source_fields
 from engine.clock import DAY, get_timezone, local_day
-from engine.conditions.ir import fields_used
+from engine.conditions.ir import And, Condition, Contains, Not, Or, fields_used
 from engine.decide import CANDIDATES, DECISIONS, REASONS, RunDecider, scratch_table
 from engine.errors import UsageError
 from engine.event_facts import (
@@ -68,6 +68,8 @@ class RunResult:
     since: int
     engine: str
     rules: list[RuleReport] = field(default_factory=list)
+    # The customers the run's tag actions touched: their tags as it left them, and which.
+    tags_written: dict[str, TagWrite] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def queued(self) -> int:
@@ -192,15 +194,42 @@ def skip_reason(rule: Rule, as_of: int, tz: Any) -> str | None:
     return None
 
 
+class TagWrite(NamedTuple):
+    """A customer's tags as a run wrote them, and which of the customer's tags it changed:
+    `changed` is ",a,b," (the tags added or removed, each between commas; "," for none;
+    tags never hold a comma). A customer's tags are a list, never NULL (the store's
+    schema), so a test of a tag the write did not change gives what it gave before."""
+
+    tags: str
+    changed: str
+
+
+def merge_tag_writes(into: dict[str, TagWrite], later: Mapping[str, TagWrite]) -> None:
+    """Add `later` writes to `into`: a customer's tags are the later ones; what changed is
+    what either changed."""
+    for customer, write in later.items():
+        before = into.get(customer)
+        if before is not None:
+            write = TagWrite(write.tags, before.changed + write.changed[1:])
+        into[customer] = write
+
+
 def write_tag_changes(
-    conn: Any, changes: Iterable[tuple[str, str | None, str | None, str | None]], undo: bool = False
+    conn: Any,
+    changes: Iterable[tuple[str, str | None, str | None, str | None]],
+    undo: bool = False,
+    changed: dict[str, str] | None = None,
 ) -> dict[str, str]:
     """Apply tag actions (customer, tags_added, tags_removed, the customer's tags now), in
     order, to the customers table — or, with `undo`, reverse them; returns each changed
-    customer's tags as written."""
+    customer's tags as written. `changed`, if given, receives each one's changed tags
+    (`TagWrite.changed`)."""
     tags: dict[str, set[str]] = {}
+    before: dict[str, frozenset[str]] = {}
     for customer, added, removed, current in changes:
-        now = tags.setdefault(customer, set(json.loads(current or "[]")))
+        if customer not in tags:
+            before[customer] = frozenset(json.loads(current or "[]"))
+        now = tags.setdefault(customer, set(before[customer]))
         add, remove = set((added or "").split(",")) - {""}, set((removed or "").split(","))
         if undo:  # the reverse of "add, then remove"
             now -= add
@@ -209,6 +238,9 @@ def write_tag_changes(
             now |= add
             now -= remove
     written = {c: json.dumps(sorted(t), ensure_ascii=False) for c, t in tags.items()}
+    if changed is not None:
+        for customer, now in tags.items():
+            changed[customer] = ",".join(["", *sorted(now ^ before[customer]), ""])
     conn.executemany(
         "UPDATE customers SET tags = ? WHERE customer_id = ?", ((t, c) for c, t in written.items())
     )
@@ -247,9 +279,9 @@ class Prepared(EventSource, Protocol):
         ...
 
     def stale(self) -> str | None:
-        """A table (customer_id) of the customers whose tags have changed since `matches`
-        were made (before this run), if any: a rule that reads tags must judge them
-        again."""
+        """A table (customer_id, changed: as `TagWrite.changed`) of the customers whose
+        tags have changed since `matches` were made (before this run), if any: a rule that
+        reads those tags must judge them again."""
         ...
 
 
@@ -324,39 +356,53 @@ class RunFacts:
             copy_tags(self.conn, table, source)
 
     def tags_written(self, source: str) -> None:
-        """The run wrote these tags (`source`: customer_id, tags) to the store: every facts
-        table built so far lacks them until `fresh_tags` copies them in."""
+        """The run wrote these tags (`source`: customer_id, tags, changed) to the store:
+        every facts table built so far lacks them until `fresh_tags` copies them in."""
         if not self.seq:
             self.conn.execute(
                 "CREATE TEMP TABLE run_tags (customer_id TEXT PRIMARY KEY, tags TEXT, "
-                "seq INTEGER) WITHOUT ROWID"
+                "seq INTEGER, changed TEXT) WITHOUT ROWID"
             )
         self.seq += 1
         self.conn.execute(
-            f"INSERT INTO temp.run_tags SELECT customer_id, tags, ? FROM {source} WHERE true "
-            "ON CONFLICT (customer_id) DO UPDATE SET tags = excluded.tags, seq = excluded.seq",
+            f"INSERT INTO temp.run_tags SELECT customer_id, tags, ?, changed FROM {source} "
+            "WHERE true ON CONFLICT (customer_id) DO UPDATE SET tags = excluded.tags, "
+            f"seq = excluded.seq, changed = {_merge_changed('run_tags')}",
             (self.seq,),
         )
 
     def retagged(self) -> str | None:
-        """The table (customer_id, ...) of the customers this run has retagged, if any."""
+        """The table (customer_id, changed, ...) of the customers this run has retagged, if
+        any."""
         return "temp.run_tags" if self.seq else None
 
-    def stale(self, prepared: Prepared) -> str | None:
+    def stale(self, prepared: Prepared, tags: frozenset[str] | None = None) -> str | None:
         """A table (customer_id) of the customers whose tags changed after `prepared`'s
-        matches were made — before this run, or by it so far — if any (kept until the
-        run writes tags again)."""
+        matches were made — before this run, or by it so far — if any; with `tags`, only
+        those for whom one of these changed (a condition that tests only for them is the
+        same for the others). Valid until the next call or tag write."""
         sources = [t for t in (prepared.stale(), self.retagged()) if t]
         if not sources:
             return None
-        if self.stale_seq != self.seq:
-            scratch_table(self.conn, "stale", "customer_id TEXT PRIMARY KEY")
+        if self.stale_seq != self.seq:  # all of them, gathered once per tag write
+            scratch_table(self.conn, "stale", "customer_id TEXT PRIMARY KEY, changed TEXT")
             for source in sources:
                 self.conn.execute(
-                    f"INSERT OR IGNORE INTO temp.stale SELECT customer_id FROM {source}"
+                    f"INSERT INTO temp.stale SELECT customer_id, changed FROM {source} "
+                    f"WHERE true ON CONFLICT (customer_id) DO UPDATE SET changed = "
+                    f"{_merge_changed('stale')}"
                 )
             self.stale_seq = self.seq
-        return "temp.stale"
+        if tags is None:
+            return "temp.stale"
+        if not tags:
+            return None
+        scratch_table(self.conn, "stale_for_rule", "customer_id TEXT PRIMARY KEY")
+        tests = " OR ".join(f"instr(changed, {sql_string(f',{tag},')}) > 0" for tag in sorted(tags))
+        found = self.conn.execute(
+            f"INSERT INTO temp.stale_for_rule SELECT customer_id FROM temp.stale WHERE {tests}"
+        ).rowcount
+        return "temp.stale_for_rule" if found else None
 
     def fresh_tags(self, *tables: str) -> None:
         """Bring these tables' tags up to date with what the run wrote, before reading them:
@@ -532,7 +578,9 @@ def _execute(
         "(playbook) DO UPDATE SET until = max(until, excluded.until)",
         (playbook.name, as_of),
     )
-    result = RunResult(run_id, playbook.name, playbook.version, as_of, start, engine, reports)
+    result = RunResult(
+        run_id, playbook.name, playbook.version, as_of, start, engine, reports, runner.tagged
+    )
     conn.execute(
         "UPDATE runs SET finished_at = ?, counts = ? WHERE run_id = ?",
         (int(time.time()), json.dumps(result.to_dict()["rules"]), run_id),
@@ -559,7 +607,7 @@ class _Runner:
         self.engine, self.decider, self.tz = engine, decider, tz
         self.catalog = field_catalog(settings)
         self.event_tables: dict[str, str] = {}  # this playbook's: event type -> facts table
-        self.tagged: set[str] = set()  # customers whose tags this run changed
+        self.tagged: dict[str, TagWrite] = {}  # customers whose tags this run changed
         # durable-rules matches per kind of rule (None: state rules; else the event type)
         self.durable_matches: dict[str | None, dict[str, set[str]]] = {}
         self.rules_by_id = {r.id: r for r in playbook.rules}
@@ -647,7 +695,7 @@ class _Runner:
             )
             return "temp.matched"
         assert prepared is not None
-        stale = self.facts.stale(prepared) if reads_tags(rule) else None
+        stale = self.facts.stale(prepared, tags_read(rule)) if reads_tags(rule) else None
         if stale is None:
             return ahead
         # Matched ahead on tags some customers no longer have: theirs are judged again.
@@ -662,7 +710,7 @@ class _Runner:
         )
         return "temp.matched"
 
-    def _fill_wanted(self, customers: set[str]) -> None:
+    def _fill_wanted(self, customers: Iterable[str]) -> None:
         scratch_table(self.conn, "wanted", "customer_id TEXT PRIMARY KEY")
         self.conn.executemany("INSERT INTO temp.wanted VALUES (?)", ((c,) for c in customers))
 
@@ -753,11 +801,17 @@ class _Runner:
         ).fetchall()
         if not changes:
             return
-        current = write_tag_changes(self.conn, changes)
-        scratch_table(self.conn, "retagged", "customer_id TEXT PRIMARY KEY, tags TEXT")
-        self.conn.executemany("INSERT INTO temp.retagged VALUES (?, ?)", current.items())
+        changed: dict[str, str] = {}
+        current = write_tag_changes(self.conn, changes, changed=changed)
+        scratch_table(
+            self.conn, "retagged", "customer_id TEXT PRIMARY KEY, tags TEXT, changed TEXT"
+        )
+        self.conn.executemany(
+            "INSERT INTO temp.retagged VALUES (?, ?, ?)",
+            ((c, t, changed[c]) for c, t in current.items()),
+        )
         self.facts.tags_written("temp.retagged")
-        self.tagged.update(current)
+        merge_tag_writes(self.tagged, {c: TagWrite(t, changed[c]) for c, t in current.items()})
 
     def render_messages(self) -> None:
         """Render the templates of the run's queued actions (sandboxed; strict variables).
@@ -884,6 +938,41 @@ MAX_MATCHERS = 512
 def reads_tags(rule: Rule) -> bool:
     """Whether the rule's condition reads the customer's tags."""
     return rule.when is not None and "tags" in fields_used(rule.when)
+
+
+def tags_read(rule: Rule) -> frozenset[str] | None:
+    """The tags the rule's condition tests for (`"vip" in tags`), or None if it reads the
+    tags in any other way (then a change of any tag may change its verdict)."""
+    return frozenset() if rule.when is None else _tags_read(rule.when)
+
+
+def _tags_read(cond: Condition) -> frozenset[str] | None:
+    if isinstance(cond, And | Or):
+        found: frozenset[str] = frozenset()
+        for item in cond.items:
+            inner = _tags_read(item)
+            if inner is None:
+                return None
+            found |= inner
+        return found
+    if isinstance(cond, Not):
+        return _tags_read(cond.item)
+    if cond.field.name != "tags":
+        return frozenset()
+    if isinstance(cond, Contains) and isinstance(cond.value.value, str):
+        return frozenset({cond.value.value})
+    return None
+
+
+def sql_string(text: str) -> str:
+    """`text` as an SQL string literal."""
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _merge_changed(table: str) -> str:
+    """SQL for an upsert into `table`: the tags changed by the row's earlier write and by
+    the later one (`excluded`), as `merge_tag_writes` merges them."""
+    return f"{table}.changed || substr(excluded.changed, 2)"
 
 
 def _matcher(name: str, rules: list[tuple[str, Any]], fields: dict[str, Any], tz: Any) -> Any:

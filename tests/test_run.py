@@ -1032,3 +1032,77 @@ def test_no_prefetch_on_a_store_with_a_rollback_journal(store: Store, monkeypatc
     monkeypatch.setattr(event_facts.os, "cpu_count", lambda: 1)
     store.conn.execute("PRAGMA journal_mode = WAL")
     assert not event_facts.worth_prefetching(store, keys, T0)
+
+
+def test_a_tag_write_says_which_tags_it_changed(store: Store) -> None:
+    """Each customer's tags added or removed (net of the writes in order), between commas;
+    writes merged later keep the later tags and what either changed."""
+    from engine.run import TagWrite, merge_tag_writes, write_tag_changes
+
+    changed: dict[str, str] = {}
+    written = write_tag_changes(
+        store.conn,
+        [
+            ("a", "vip", None, '["x"]'),
+            ("a", None, "x", '["x"]'),  # the tags now: what the first row read, then its change
+            ("b", "x", None, '["x"]'),  # had it already
+            ("c", "vip", "vip", "[]"),  # added, then removed
+        ],
+        changed=changed,
+    )
+    assert written == {"a": '["vip"]', "b": '["x"]', "c": "[]"}
+    assert changed == {"a": ",vip,x,", "b": ",", "c": ","}
+    merged = {"a": TagWrite('["vip"]', ",vip,x,")}
+    merge_tag_writes(merged, {"a": TagWrite("[]", ",vip,"), "d": TagWrite('["y"]', ",y,")})
+    assert merged == {"a": TagWrite("[]", ",vip,x,vip,"), "d": TagWrite('["y"]', ",y,")}
+
+
+def test_tags_a_rule_tests_for() -> None:
+    """A rule that only asks whether a customer has some tags is judged again only for
+    customers one of those changed for; any other use of the tags counts every change."""
+    from types import SimpleNamespace
+
+    from engine.conditions import parse_condition
+    from engine.run import tags_read
+
+    def read(text: str | None) -> frozenset[str] | None:
+        when = None if text is None else parse_condition(text)
+        return tags_read(SimpleNamespace(when=when))  # type: ignore[arg-type]
+
+    assert read('"vip" in tags and not ("kol" in tags or order_count > 2)') == {"vip", "kol"}
+    assert read('"vip" not in tags') == {"vip"}
+    assert read("order_count > 2") == frozenset()
+    assert read(None) == frozenset()
+    assert read('"vip" in tags and tags is null') is None
+
+
+def test_customers_judged_again_for_a_tag_rule(store: Store) -> None:
+    """`RunFacts.stale`: retagged before the run (the step built ahead's `stale`) or by it,
+    and — for a rule testing some tags — only those for whom one of them changed."""
+    from engine.features import FeatureTable, RfmThresholds
+
+    conn = store.conn
+    facts = run_module.RunFacts(store, SETTINGS, FeatureTable("f", 0, 0, RfmThresholds({})))
+    for table, rows in (
+        ("before", [("a", "[]", ",vip,"), ("b", "[]", ",new,vip-club,"), ("c", "[]", ",")]),
+        ("written", [("c", '["kol"]', ",kol,"), ("a", '["new"]', ",new,")]),
+    ):
+        conn.execute(f"CREATE TEMP TABLE {table} (customer_id TEXT, tags TEXT, changed TEXT)")
+        conn.executemany(f"INSERT INTO temp.{table} VALUES (?, ?, ?)", rows)
+
+    class Ahead:
+        def stale(self) -> str:
+            return "temp.before"
+
+    def who(tags: frozenset[str] | None) -> set[str]:
+        table = facts.stale(Ahead(), tags)  # type: ignore[arg-type]
+        return set() if table is None else {c for (c, *_) in conn.execute(f"SELECT * FROM {table}")}
+
+    assert who(frozenset({"vip"})) == {"a"}  # "vip-club" is another tag
+    assert who(frozenset({"vip-club", "kol"})) == {"b"}
+    assert who(frozenset({"kol"})) == set()
+    assert who(None) == {"a", "b", "c"}
+    facts.tags_written("temp.written")  # the run's own writes add to them
+    assert who(frozenset({"kol"})) == {"c"}
+    assert who(frozenset({"new"})) == {"a", "b"}
+    assert who(frozenset({"vip"})) == {"a"}
