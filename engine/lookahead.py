@@ -26,6 +26,7 @@ runs' writes never wait for each other.
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import tempfile
@@ -311,9 +312,11 @@ class Lookahead:
         for result in results:  # in the order they ran: the last one's tags are the store's
             merge_tag_writes(written, result.tags_written)
         scratch_table(self.conn, RETAGGED, "customer_id TEXT PRIMARY KEY, tags TEXT, changed TEXT")
-        self.conn.executemany(
-            f"INSERT INTO temp.{RETAGGED} VALUES (?, ?, ?)",
-            ((c, w.tags, w.changed) for c, w in written.items()),
+        # One statement (outside a transaction, a row at a time would commit each one).
+        self.conn.execute(
+            f"INSERT INTO temp.{RETAGGED} SELECT json_extract(value, '$[0]'), "
+            "json_extract(value, '$[1]'), json_extract(value, '$[2]') FROM json_each(?)",
+            (json.dumps([(c, w.tags, w.changed) for c, w in written.items()]),),
         )
         self.retagged = bool(written)
         with self.changed:
