@@ -17,8 +17,9 @@ up to step k-1 have committed (it is never more than one step ahead), so what it
 over can lack only the tag changes of step k's run. `finished(k, ...)` takes the
 customers those runs retagged, with their tags; `take(k+1)` copies those tags into the
 features (and each event facts table as the run takes it); the run re-applies its own
-tag changes as usual. A rule that reads tags judges again the customers whose tags changed
-after its matches were made (`StepPrepared.stale`, and the run's own retagged).
+tag changes as usual. A rule that reads tags judges again the customers for whom a tag it
+tests for changed after its matches were made (`StepPrepared.stale`, and the run's own
+retagged; `RunFacts.stale`).
 
 The scratch copy must be in write-ahead-log mode, so that the builder's reads and the
 runs' writes never wait for each other.
