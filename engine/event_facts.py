@@ -59,10 +59,9 @@ def build_event_facts(
     schema: str = "temp",
 ) -> None:
     """Create `schema`.`table` (temp, or an attached database; replaced if there): one row
-    per `event` in [start, features.as_of), with the
-    event's properties (`event.*`, `event_id`, `event_ts`) and its customer's features as
-    of right after it (only those `needs` names for the event type; see
-    `build_point_features`).
+    per `event` in [start, features.as_of), with the event's properties (`event.*`,
+    `event_id`, `event_ts`) and its customer's features as of right after it (only those
+    `needs` names for the event type; see `build_point_features`).
 
     `base`: use `features` (a full build with its stages) for the order totals, instead of
     summing each customer's whole history — faster, but only on the connection that has

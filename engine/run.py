@@ -339,7 +339,7 @@ class RunFacts:
         self.applied: dict[str, int] = {features.ref: 0}
         self.prefetch: EventPrefetch | None = None  # started by this run, closed by it
         self.prepared: Prepared | None = None  # built ahead by the caller
-        self.stale_seq = -1  # `stale` holds the customers retagged up to this write
+        self.written: dict[str, TagWrite] = {}  # what the run wrote so far (`tags_written`)
         self.conn.execute("DROP TABLE IF EXISTS temp.run_tags")
 
     @property
@@ -355,20 +355,20 @@ class RunFacts:
         for table in self.tables if tables is None else tables:
             copy_tags(self.conn, table, source)
 
-    def tags_written(self, source: str) -> None:
-        """The run wrote these tags (`source`: customer_id, tags, changed) to the store:
-        every facts table built so far lacks them until `fresh_tags` copies them in."""
+    def tags_written(self, writes: Mapping[str, TagWrite]) -> None:
+        """The run wrote these tags to the store: every facts table built so far lacks them
+        until `fresh_tags` copies them in."""
         if not self.seq:
             self.conn.execute(
                 "CREATE TEMP TABLE run_tags (customer_id TEXT PRIMARY KEY, tags TEXT, "
                 "seq INTEGER, changed TEXT) WITHOUT ROWID"
             )
         self.seq += 1
-        self.conn.execute(
-            f"INSERT INTO temp.run_tags SELECT customer_id, tags, ?, changed FROM {source} "
-            "WHERE true ON CONFLICT (customer_id) DO UPDATE SET tags = excluded.tags, "
-            f"seq = excluded.seq, changed = {_merge_changed('run_tags')}",
-            (self.seq,),
+        merge_tag_writes(self.written, writes)
+        self.conn.executemany(
+            "INSERT INTO temp.run_tags VALUES (?, ?, ?, ?) ON CONFLICT (customer_id) DO UPDATE "
+            "SET tags = excluded.tags, seq = excluded.seq, changed = excluded.changed",
+            ((c, w.tags, self.seq, self.written[c].changed) for c, w in writes.items()),
         )
 
     def retagged(self) -> str | None:
@@ -376,33 +376,25 @@ class RunFacts:
         any."""
         return "temp.run_tags" if self.seq else None
 
-    def stale(self, prepared: Prepared, tags: frozenset[str] | None = None) -> str | None:
+    def stale(self, prepared: Prepared, tags: frozenset[str] | None) -> str | None:
         """A table (customer_id) of the customers whose tags changed after `prepared`'s
-        matches were made — before this run, or by it so far — if any; with `tags`, only
-        those for whom one of these changed (a condition that tests only for them is the
-        same for the others). Valid until the next call or tag write."""
+        matches were made — before this run, or by it so far — if any: with `tags` (what
+        a condition tests for, `tags_read`), only those for whom one of these changed (the
+        condition is the same for the others); with None, all of them."""
         sources = [t for t in (prepared.stale(), self.retagged()) if t]
-        if not sources:
+        if not sources or (tags is not None and not tags):
             return None
-        if self.stale_seq != self.seq:  # all of them, gathered once per tag write
-            scratch_table(self.conn, "stale", "customer_id TEXT PRIMARY KEY, changed TEXT")
-            for source in sources:
-                self.conn.execute(
-                    f"INSERT INTO temp.stale SELECT customer_id, changed FROM {source} "
-                    f"WHERE true ON CONFLICT (customer_id) DO UPDATE SET changed = "
-                    f"{_merge_changed('stale')}"
-                )
-            self.stale_seq = self.seq
-        if tags is None:
-            return "temp.stale"
-        if not tags:
-            return None
-        scratch_table(self.conn, "stale_for_rule", "customer_id TEXT PRIMARY KEY")
-        tests = " OR ".join(f"instr(changed, {sql_string(f',{tag},')}) > 0" for tag in sorted(tags))
-        found = self.conn.execute(
-            f"INSERT INTO temp.stale_for_rule SELECT customer_id FROM temp.stale WHERE {tests}"
-        ).rowcount
-        return "temp.stale_for_rule" if found else None
+        tests = " OR ".join("instr(changed, ?) > 0" for _ in tags or ())
+        values = [f",{tag}," for tag in sorted(tags or ())]
+        scratch_table(self.conn, "stale", "customer_id TEXT PRIMARY KEY")
+        found = 0
+        for source in sources:
+            found += self.conn.execute(
+                f"INSERT OR IGNORE INTO temp.stale SELECT customer_id FROM {source}"
+                + (f" WHERE {tests}" if tests else ""),
+                values,
+            ).rowcount
+        return "temp.stale" if found else None
 
     def fresh_tags(self, *tables: str) -> None:
         """Bring these tables' tags up to date with what the run wrote, before reading them:
@@ -695,7 +687,7 @@ class _Runner:
             )
             return "temp.matched"
         assert prepared is not None
-        stale = self.facts.stale(prepared, tags_read(rule)) if reads_tags(rule) else None
+        stale = self.facts.stale(prepared, tags_read(rule))
         if stale is None:
             return ahead
         # Matched ahead on tags some customers no longer have: theirs are judged again.
@@ -803,15 +795,9 @@ class _Runner:
             return
         changed: dict[str, str] = {}
         current = write_tag_changes(self.conn, changes, changed=changed)
-        scratch_table(
-            self.conn, "retagged", "customer_id TEXT PRIMARY KEY, tags TEXT, changed TEXT"
-        )
-        self.conn.executemany(
-            "INSERT INTO temp.retagged VALUES (?, ?, ?)",
-            ((c, t, changed[c]) for c, t in current.items()),
-        )
-        self.facts.tags_written("temp.retagged")
-        merge_tag_writes(self.tagged, {c: TagWrite(t, changed[c]) for c, t in current.items()})
+        writes = {c: TagWrite(t, changed[c]) for c, t in current.items()}
+        self.facts.tags_written(writes)
+        merge_tag_writes(self.tagged, writes)
 
     def render_messages(self) -> None:
         """Render the templates of the run's queued actions (sandboxed; strict variables).
@@ -962,17 +948,6 @@ def _tags_read(cond: Condition) -> frozenset[str] | None:
     if isinstance(cond, Contains) and isinstance(cond.value.value, str):
         return frozenset({cond.value.value})
     return None
-
-
-def sql_string(text: str) -> str:
-    """`text` as an SQL string literal."""
-    return "'" + text.replace("'", "''") + "'"
-
-
-def _merge_changed(table: str) -> str:
-    """SQL for an upsert into `table`: the tags changed by the row's earlier write and by
-    the later one (`excluded`), as `merge_tag_writes` merges them."""
-    return f"{table}.changed || substr(excluded.changed, 2)"
 
 
 def _matcher(name: str, rules: list[tuple[str, Any]], fields: dict[str, Any], tz: Any) -> Any:

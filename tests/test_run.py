@@ -1080,15 +1080,15 @@ def test_customers_judged_again_for_a_tag_rule(store: Store) -> None:
     """`RunFacts.stale`: retagged before the run (the step built ahead's `stale`) or by it,
     and — for a rule testing some tags — only those for whom one of them changed."""
     from engine.features import FeatureTable, RfmThresholds
+    from engine.run import TagWrite
 
     conn = store.conn
     facts = run_module.RunFacts(store, SETTINGS, FeatureTable("f", 0, 0, RfmThresholds({})))
-    for table, rows in (
-        ("before", [("a", "[]", ",vip,"), ("b", "[]", ",new,vip-club,"), ("c", "[]", ",")]),
-        ("written", [("c", '["kol"]', ",kol,"), ("a", '["new"]', ",new,")]),
-    ):
-        conn.execute(f"CREATE TEMP TABLE {table} (customer_id TEXT, tags TEXT, changed TEXT)")
-        conn.executemany(f"INSERT INTO temp.{table} VALUES (?, ?, ?)", rows)
+    conn.execute("CREATE TEMP TABLE before (customer_id TEXT, tags TEXT, changed TEXT)")
+    conn.executemany(
+        "INSERT INTO temp.before VALUES (?, ?, ?)",
+        [("a", "[]", ",vip,"), ("b", "[]", ",new,vip-club,"), ("c", "[]", ",")],
+    )
 
     class Ahead:
         def stale(self) -> str:
@@ -1102,7 +1102,9 @@ def test_customers_judged_again_for_a_tag_rule(store: Store) -> None:
     assert who(frozenset({"vip-club", "kol"})) == {"b"}
     assert who(frozenset({"kol"})) == set()
     assert who(None) == {"a", "b", "c"}
-    facts.tags_written("temp.written")  # the run's own writes add to them
+    facts.tags_written(  # the run's own writes add to them
+        {"c": TagWrite('["kol"]', ",kol,"), "a": TagWrite('["new"]', ",new,")}
+    )
     assert who(frozenset({"kol"})) == {"c"}
     assert who(frozenset({"new"})) == {"a", "b"}
     assert who(frozenset({"vip"})) == {"a"}
