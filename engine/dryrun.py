@@ -34,6 +34,7 @@ import math
 import os
 import sqlite3
 import tempfile
+import threading
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -455,7 +456,6 @@ def _simulate(
             inputs.after(partial(totals.add_step, run_ids=run_ids))
             if progress is not None:
                 progress(1)
-        inputs.after(totals.count)
         inputs.drain()
     finally:
         inputs.close()
@@ -610,51 +610,42 @@ def _step(
     return StepSummary(as_of, matched, queued, suppressed, by_rule)
 
 
-_ACTED = (
-    "CREATE TEMP TABLE IF NOT EXISTS sim_acted (playbook TEXT, rule_id TEXT, customer_id TEXT, "
-    "PRIMARY KEY (playbook, rule_id, customer_id)) WITHOUT ROWID"
-)
-
-
 class _Totals:
     """Per rule: the distinct customers it acted on over all steps and the coupons it
-    queued, added step by step (like `_Outcomes`, on whichever connection runs the jobs:
-    the customers are kept in a temp table of that connection)."""
+    queued, added step by step (like `_Outcomes`: on any connection to the store, from
+    either thread of a simulation; the customers are kept here, as sets)."""
 
     def __init__(self) -> None:
         self.coupons: Counter[tuple[str, str, str]] = Counter()
-        self.customers: dict[str, int] = {}
+        self.customers: dict[str, set[str]] = defaultdict(set)
+        self.lock = threading.Lock()
 
     def add_step(self, conn: sqlite3.Connection, run_ids: Sequence[str]) -> None:
         runs = json.dumps(list(run_ids))
-        conn.execute(_ACTED)
-        conn.execute(
-            "INSERT OR IGNORE INTO temp.sim_acted SELECT playbook, rule_id, customer_id "
-            "FROM actions WHERE run_id IN (SELECT value FROM json_each(?)) AND "
-            "status != 'suppressed'",
+        # One row per rule, its customers in one JSON list: a row at a time would hand
+        # the interpreter back and forth between the threads for each customer.
+        acted = conn.execute(
+            "SELECT playbook, rule_id, json_group_array(DISTINCT customer_id) FROM actions "
+            "WHERE run_id IN (SELECT value FROM json_each(?)) AND status != 'suppressed' "
+            "GROUP BY 1, 2",
             (runs,),
-        )
-        for playbook, rule, coupon, n in conn.execute(
+        ).fetchall()
+        coupons = conn.execute(
             "SELECT playbook, rule_id, coupon, count(*) FROM actions WHERE run_id IN "
             "(SELECT value FROM json_each(?)) AND status != 'suppressed' AND coupon IS NOT "
             "NULL GROUP BY 1, 2, 3",
             (runs,),
-        ):
-            self.coupons[(playbook, rule, coupon)] += n
-
-    def count(self, conn: sqlite3.Connection) -> None:
-        """After the last step's `add_step`, on the same connection."""
-        conn.execute(_ACTED)
-        for playbook, rule, customers in conn.execute(
-            "SELECT playbook, rule_id, count(*) FROM temp.sim_acted GROUP BY 1, 2"
-        ):
-            self.customers[f"{playbook}/{rule}"] = customers
-        conn.execute("DROP TABLE temp.sim_acted")
+        ).fetchall()
+        with self.lock:
+            for playbook, rule, customers in acted:
+                self.customers[f"{playbook}/{rule}"].update(json.loads(customers))
+            for playbook, rule, coupon, n in coupons:
+                self.coupons[(playbook, rule, coupon)] += n
 
     def summarize(self, playbooks: Sequence[Playbook], rules: dict[str, RuleSummary]) -> None:
         values = {(p.name, code): c.value for p in playbooks for code, c in p.coupons.items()}
         for key, customers in self.customers.items():
-            rules[key].customers = customers
+            rules[key].customers = len(customers)
         for (playbook, rule, coupon), n in sorted(self.coupons.items()):
             cost = round(n * values.get((playbook, coupon), 0), 2)
             rules[f"{playbook}/{rule}"].coupon_cost += cost
@@ -724,6 +715,7 @@ class _Outcomes:
             lambda: {"targeted": _Group(), "holdout": _Group(), "blocked": _Group()}
         )
         self.incomplete: Counter[str] = Counter()
+        self.lock = threading.Lock()  # steps may be added from two threads at once
 
     def add_step(self, conn: sqlite3.Connection, as_of: int, run_ids: Sequence[str]) -> None:
         """Add the decisions of the runs `run_ids` (a step at `as_of`)."""
@@ -731,7 +723,11 @@ class _Outcomes:
         rows = conn.execute(
             _DECISIONS_SQL,
             {"runs": json.dumps(list(run_ids)), "as_of": as_of, "window": self.window},
-        )
+        ).fetchall()
+        with self.lock:
+            self._add(rows, cut)
+
+    def _add(self, rows: list[Any], cut: bool) -> None:
         for playbook, rule, acted, held, blocked, orders, cents in rows:
             key = f"{playbook}/{rule}"
             if cut:

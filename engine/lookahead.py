@@ -10,7 +10,9 @@ of its own (read-only), in a thread of its own, into a scratch file: the feature
 rule the customers matching its condition. Step k+1's run attaches the file and reads
 them there.
 Between steps the same thread runs jobs on the committed steps (`after`: a simulation's
-outcomes and rule totals).
+outcomes and rule totals); so does the simulation's thread whenever it would otherwise
+wait for the builder (late in a year of steps the builder is the slower of the two, and
+the jobs would pile up until the end).
 
 Tags: the builder reads the committed store, and it builds step k+1 only once the runs
 up to step k-1 have committed (it is never more than one step ahead), so what it hands
@@ -167,6 +169,10 @@ class Lookahead:
                     return
                 self.worker = open_store(self.path, readonly=True)
             conn = self.worker.conn
+            # Its temp tables (running totals, stages, event points) live in memory: they
+            # are made and dropped at every step, and dropping one from a file reads back
+            # every page of it.
+            conn.execute("PRAGMA temp_store = MEMORY")
             conn.execute(f"PRAGMA cache_size = -{LOOKAHEAD_CACHE_KIB}")
             conn.execute(f"PRAGMA temp.cache_size = -{LOOKAHEAD_TEMP_CACHE_KIB}")
             stepper = (
@@ -288,7 +294,8 @@ class Lookahead:
         than reading them there."""
         with self.changed:
             while k not in self.built and self.error is None:
-                self.changed.wait()
+                if not self._run_a_job():  # rather than wait idle
+                    self.changed.wait()
             if k not in self.built:
                 assert self.error is not None
                 raise self.error
@@ -325,20 +332,37 @@ class Lookahead:
             self.changed.notify_all()
 
     def after(self, job: Callable[[sqlite3.Connection], None]) -> None:
-        """Have `job` run on the builder's connection (which sees every committed step) when
-        it is not building a step."""
+        """Have `job` run on a connection that sees every committed step: the builder's,
+        when it is not building a step, or the simulation's own, when it would otherwise
+        wait (in `take` and `drain`). Jobs may run in any order, two at a time."""
         with self.changed:
             self.jobs.append(job)
             self.jobs_given += 1
             self.changed.notify_all()
 
     def drain(self) -> None:
-        """Wait for every job given to `after` to have run."""
+        """Wait for every job given to `after` to have run, running some meanwhile."""
         with self.changed:
             while self.jobs_done < self.jobs_given and self.error is None:
-                self.changed.wait()
+                if not self._run_a_job():
+                    self.changed.wait()
             if self.error is not None:
                 raise self.error
+
+    def _run_a_job(self) -> bool:
+        """On the simulation's side, holding `changed`: run the next job waiting, if any,
+        on the simulation's connection (releasing `changed` meanwhile)."""
+        if not self.jobs:
+            return False
+        job = self.jobs.pop(0)
+        self.changed.release()
+        try:
+            job(self.conn)
+        finally:
+            self.changed.acquire()
+        self.jobs_done += 1
+        self.changed.notify_all()
+        return True
 
     def _retag(self, table: str) -> None:
         """Copy the tags of the customers the previous step's runs retagged (as they left

@@ -759,6 +759,53 @@ def test_a_failure_on_the_second_core_fails_the_dry_run_and_clears_up(
         assert not [t for t in threading.enumerate() if t.name == "lookahead"]
 
 
+def test_while_it_waits_for_a_step_the_simulation_runs_the_jobs_itself(
+    demo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Jobs given to the lookahead (outcomes, totals) run once each: while the builder is
+    busy with a step, the simulation waiting for it runs them on its own connection."""
+    import threading
+
+    import engine.lookahead as lookahead_module
+    from engine.dryrun import scratch_copy
+
+    jobs_done = threading.Event()
+    build = lookahead_module.Lookahead._build
+
+    def slow_build(self: Any, *args: Any) -> Any:
+        assert jobs_done.wait(timeout=60), "the jobs were left waiting"
+        return build(self, *args)
+
+    monkeypatch.setattr(lookahead_module.Lookahead, "_build", slow_build)
+    ran: list[tuple[int, bool]] = []
+    with scratch_copy(demo, concurrent=True) as store:
+        ahead = lookahead_module.Lookahead(
+            store, SETTINGS, AHEAD_STEPS[:2], lambda k: [], lambda k: [], None
+        )
+        try:
+
+            def job(i: int) -> Any:
+                def run(conn: sqlite3.Connection) -> None:
+                    conn.execute("SELECT count(*) FROM actions").fetchone()
+                    ran.append((i, conn is store.conn))
+                    if len(ran) == 3:
+                        jobs_done.set()
+
+                return run
+
+            for i in range(3):
+                ahead.after(job(i))
+            features, _ = ahead.take(0)  # waits for the builder: runs the jobs meanwhile
+            assert features.rows > 0
+            ahead.finished(0, [])
+            ahead.after(job(3))
+            ahead.drain()
+        finally:
+            ahead.close()
+    assert sorted(i for i, _ in ran) == [0, 1, 2, 3]
+    assert all(on_simulation for i, on_simulation in ran if i < 3)
+
+
 def test_when_looking_ahead_pays(demo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import engine.lookahead as lookahead_module
     from engine.dryrun import scratch_copy
