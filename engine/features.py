@@ -826,23 +826,38 @@ def compute_features(
 # windows it slides: each step reads only the facts that entered (or left) them since.
 _STEP_TABLES = {
     "cum_o": "customer_id TEXT PRIMARY KEY, n INTEGER, gross INTEGER, first_ts INTEGER, "
-    "last_ts INTEGER",
+    "last_ts INTEGER, cats INTEGER",
     "cum_c": "customer_id TEXT, category TEXT, PRIMARY KEY (customer_id, category)",
+    "new_c": "customer_id TEXT, category TEXT, PRIMARY KEY (customer_id, category)",
     "cum_e": "customer_id TEXT PRIMARY KEY, friend_added INTEGER, friend_deleted INTEGER, "
     "groups INTEGER",
     "win": "customer_id TEXT PRIMARY KEY, gross90 INTEGER, n30 INTEGER",
+    # Refunds so far, by the time that places them in the 90-day window (`eff`: their
+    # order's, else their own); per customer, all of them and those in the window.
+    "rf": "eff INTEGER, refund_id TEXT, customer_id TEXT, amount INTEGER, ts INTEGER, "
+    "PRIMARY KEY (eff, refund_id)",
+    "cum_r": "customer_id TEXT PRIMARY KEY, refunded INTEGER",
+    "win_r": "customer_id TEXT PRIMARY KEY, refunded90 INTEGER",
 }
 _UPSERT_ORDERS = """
 INSERT INTO temp."{t}__cum_o"
-SELECT customer_id, count(*), sum(amount_cents), min(ts), max(ts) FROM orders {hint}
+SELECT customer_id, count(*), sum(amount_cents), min(ts), max(ts), 0 FROM orders {hint}
 WHERE ts >= :lo AND ts < :hi GROUP BY customer_id
 ON CONFLICT (customer_id) DO UPDATE SET n = n + excluded.n, gross = gross + excluded.gross,
   first_ts = min(first_ts, excluded.first_ts), last_ts = max(last_ts, excluded.last_ts)
 """
+# A customer's distinct categories: the pairs not seen before are counted in.
 _UPSERT_CATEGORIES = """
-INSERT OR IGNORE INTO temp."{t}__cum_c"
+INSERT INTO temp."{t}__new_c"
 SELECT DISTINCT customer_id, category FROM orders {hint}
-WHERE ts >= :lo AND ts < :hi AND category IS NOT NULL
+WHERE ts >= :lo AND ts < :hi AND category IS NOT NULL AND NOT EXISTS (
+  SELECT 1 FROM temp."{t}__cum_c" k
+  WHERE k.customer_id = orders.customer_id AND k.category = orders.category);
+INSERT INTO temp."{t}__cum_c" SELECT * FROM temp."{t}__new_c";
+UPDATE temp."{t}__cum_o" AS o SET cats = o.cats + x.n
+FROM (SELECT customer_id, count(*) AS n FROM temp."{t}__new_c" GROUP BY customer_id) AS x
+WHERE o.customer_id = x.customer_id;
+DELETE FROM temp."{t}__new_c"
 """
 _UPSERT_EVENTS = f"""
 INSERT INTO temp."{{t}}__cum_e"
@@ -856,6 +871,26 @@ ON CONFLICT (customer_id) DO UPDATE SET
   friend_deleted = coalesce(max(friend_deleted, excluded.friend_deleted), friend_deleted,
                             excluded.friend_deleted),
   groups = groups + excluded.groups
+"""
+# Refunds recorded in [lo, hi); then the 90-day window moves from ending at lo to ending at
+# hi: in come the new ones placed within it, out go the older ones it has passed.
+_UPSERT_REFUNDS = f"""
+INSERT INTO temp."{{t}}__rf"
+SELECT coalesce(po.ts, f.ts), f.refund_id, f.customer_id, f.amount_cents, f.ts
+FROM refunds f LEFT JOIN orders po ON po.order_id = f.order_id
+WHERE f.ts >= :lo AND f.ts < :hi;
+INSERT INTO temp."{{t}}__cum_r"
+SELECT customer_id, sum(amount_cents) FROM refunds WHERE ts >= :lo AND ts < :hi
+GROUP BY customer_id
+ON CONFLICT (customer_id) DO UPDATE SET refunded = refunded + excluded.refunded;
+INSERT INTO temp."{{t}}__win_r"
+SELECT customer_id, sum(amount) FROM temp."{{t}}__rf"
+WHERE eff >= :hi - {90 * DAY} AND ts >= :lo AND ts < :hi GROUP BY customer_id
+ON CONFLICT (customer_id) DO UPDATE SET refunded90 = refunded90 + excluded.refunded90;
+INSERT INTO temp."{{t}}__win_r"
+SELECT customer_id, -sum(amount) FROM temp."{{t}}__rf"
+WHERE eff >= :lo - {90 * DAY} AND eff < :hi - {90 * DAY} AND ts < :lo GROUP BY customer_id
+ON CONFLICT (customer_id) DO UPDATE SET refunded90 = refunded90 + excluded.refunded90
 """
 # Orders entering (sign +1) or leaving (-1) the 90-day (spend) or 30-day (count) window.
 _SLIDE_WINDOW = """
@@ -872,16 +907,13 @@ _WINDOWS = (
 # The stages `build_features` makes, from the running totals.
 _STEP_STAGES = """
 INSERT INTO temp."{t}__r"
-SELECT f.customer_id, sum(f.amount_cents),
-       sum(CASE WHEN coalesce(po.ts, f.ts) >= :t90 THEN f.amount_cents ELSE 0 END)
-FROM refunds f LEFT JOIN orders po ON po.order_id = f.order_id
-WHERE f.ts < :t GROUP BY f.customer_id;
+SELECT c.customer_id, c.refunded, coalesce(w.refunded90, 0)
+FROM temp."{t}__cum_r" c LEFT JOIN temp."{t}__win_r" w USING (customer_id);
 INSERT INTO temp."{t}__o"
 SELECT o.customer_id, o.n, o.gross - coalesce(r.refunded, 0),
        coalesce(w.gross90, 0) - coalesce(r.refunded90, 0), o.first_ts, o.last_ts,
        :today - (o.last_ts + :off) / 86400, :today - (o.first_ts + :off) / 86400,
-       (SELECT count(*) FROM temp."{t}__cum_c" k WHERE k.customer_id = o.customer_id),
-       coalesce(w.n30, 0)
+       o.cats, coalesce(w.n30, 0)
 FROM temp."{t}__cum_o" o LEFT JOIN temp."{t}__win" w USING (customer_id)
 LEFT JOIN temp."{t}__r" r USING (customer_id);
 INSERT INTO temp."{t}__e" SELECT * FROM temp."{t}__cum_e";
@@ -893,9 +925,10 @@ class FeatureStepper:
 
     `advance(t)` gives exactly what `build_features(store, settings, t)` gives (tested),
     but instead of aggregating every order since the beginning it keeps running totals
-    per customer (orders, spend, first/last order, categories, refunds, friend and group
-    events) and slides the 30/90-day windows: a step reads the facts in [previous t, t)
-    and those leaving the windows. Refunds (a few percent of orders) and custom features
+    per customer (orders, spend, first/last order, distinct categories, refunds, friend
+    and group events) and slides the 30/90-day windows: a step reads the facts in
+    [previous t, t) and those leaving the windows (the refunds, a few percent of orders,
+    are found by a scan: the store has no index on their time). Custom features
     (settings) are still read whole at each step. The running totals live in temp tables
     of the store's connection.
     """
@@ -920,8 +953,11 @@ class FeatureStepper:
         hint = "NOT INDEXED" if self.as_of is None else ""
         span = {"lo": lo, "hi": as_of}
         conn.execute(_UPSERT_ORDERS.format(t=t, hint=hint), span)
-        conn.execute(_UPSERT_CATEGORIES.format(t=t, hint=hint), span)
+        for statement in _UPSERT_CATEGORIES.split(";"):
+            conn.execute(statement.format(t=t, hint=hint), span)
         conn.execute(_UPSERT_EVENTS.format(t=t), span)
+        for statement in _UPSERT_REFUNDS.split(";"):
+            conn.execute(statement.format(t=t), span)
         self._slide(self.as_of, as_of)
         sql, params = features_query(self.settings, as_of, t)
         _drop(conn, t)

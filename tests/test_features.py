@@ -371,6 +371,46 @@ def test_stepping_through_time_equals_full_builds(
         stepper.close()
 
 
+def test_stepping_counts_refunds_and_categories_at_the_edges(tmp_path: Path) -> None:
+    """Refunds recorded exactly at a step, refunds of orders leaving the 90-day window
+    exactly at a step (and of orders from before the window), categories seen again:
+    each step equals a full build."""
+    from engine.features import FeatureStepper, build_features, iter_features
+
+    day = 86_400
+    t0 = AS_OF - 200 * day
+    with open_store(tmp_path / "edges.db") as store:
+        conn = store.conn
+        conn.execute("INSERT INTO customers (customer_id, joined_at) VALUES ('a', ?)", (t0,))
+        conn.execute("INSERT INTO customers (customer_id, joined_at) VALUES ('b', ?)", (t0,))
+        moments = [t0 + 10 * day * k for k in range(1, 16)]
+        rows = [
+            ("o1", "a", moments[0], 10_000, "skincare"),
+            ("o2", "a", moments[2] - 1, 20_000, "skincare"),
+            ("o3", "a", moments[3], 30_000, "makeup"),
+            ("o4", "b", moments[1], 5_000, None),
+            ("o5", "b", moments[4], 7_000, "makeup"),
+        ]
+        conn.executemany("INSERT INTO orders VALUES (?, ?, ?, ?, ?, 's', NULL)", rows)
+        refunds = [
+            ("r1", "o1", "a", moments[2], 4_000),  # at a step; its order leaves at +90d
+            ("r2", "o2", "a", moments[9], 1_000),  # after its order left the window
+            ("r3", None, "b", moments[5] - 1, 500),  # no order: placed at its own time
+            ("r4", "o5", "b", moments[4] + 90 * day - moments[4] % day, 700),
+        ]
+        conn.executemany("INSERT INTO refunds VALUES (?, ?, ?, ?, ?, NULL)", refunds)
+        # A moment exactly 90 days after an order: its refund leaves the window then.
+        moments = sorted({*moments, moments[0] + 90 * day, moments[4] + 90 * day})
+        stepper = FeatureStepper(store, Settings(), table="stepped")
+        try:
+            for moment in moments:
+                stepped = list(iter_features(store, stepper.advance(moment)))
+                full = build_features(store, Settings(), moment, table="whole")
+                assert stepped == list(iter_features(store, full)), moment
+        finally:
+            stepper.close()
+
+
 def test_a_stepper_does_not_go_back(demo_store: Store) -> None:
     from engine.features import FeatureStepper
 
