@@ -477,13 +477,21 @@ def phase_measure(params: Params) -> Figures:
         queued_by_step=queued_by_step,
     )
 
+    # While it waits for the second core, the simulation runs jobs (outcomes, rule
+    # totals) itself: they are its parts "outcomes" and "rule totals", not the waiting's.
+    jobs_here = [0.0]
+
     def timed(name: str, func: Callable[..., Any], into: list[float] | None = None) -> Any:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            start = time.perf_counter()
+            start, jobs_before = time.perf_counter(), jobs_here[0]
             with watch.part(name):
                 result = func(*args, **kwargs)
+            jobs = jobs_here[0] - jobs_before
+            if jobs:
+                with watch.lock:
+                    watch.parts[name] -= jobs
             if into is not None:
-                into.append(time.perf_counter() - start)
+                into.append(time.perf_counter() - start - jobs)
             return result
 
         return wrapper
@@ -547,9 +555,6 @@ def phase_measure(params: Params) -> Figures:
     lookahead_module.build_event_facts = here_or_ahead(
         "event facts", lookahead_module.build_event_facts
     )
-    # While it waits for the second core, the simulation runs jobs (outcomes, rule
-    # totals) itself: they are its parts "outcomes" and "rule totals", not waiting.
-    jobs_here = [0.0]
     real_run_a_job = lookahead_module.Lookahead._run_a_job
 
     def run_a_job(self: Any) -> bool:
@@ -560,28 +565,14 @@ def phase_measure(params: Params) -> Figures:
             jobs_here[0] += time.perf_counter() - began
 
     lookahead_module.Lookahead._run_a_job = run_a_job
-
-    def waited(name: str, func: Callable[..., Any], into: list[float] | None = None) -> Any:
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            began, jobs_before = time.perf_counter(), jobs_here[0]
-            result = func(*args, **kwargs)
-            spent = time.perf_counter() - began - (jobs_here[0] - jobs_before)
-            with watch.lock:
-                watch.parts[name] = watch.parts.get(name, 0.0) + spent
-            if into is not None:
-                into.append(spent)
-            return result
-
-        return wrapper
-
     # A step's features: built here (in place), or taken from the second core's file.
     dryrun_module._InPlace.take = per_step_only(dryrun_module._InPlace.take)
-    lookahead_module.Lookahead.take = waited(
+    lookahead_module.Lookahead.take = timed(
         "features taken from the second core",
         lookahead_module.Lookahead.take,
         per_step["features_s"],
     )
-    lookahead_module.Lookahead.drain = waited(
+    lookahead_module.Lookahead.drain = timed(
         "waiting for the second core's last jobs", lookahead_module.Lookahead.drain
     )
     dryrun_module.run_playbooks = timed(

@@ -872,15 +872,16 @@ ON CONFLICT (customer_id) DO UPDATE SET
                             excluded.friend_deleted),
   groups = groups + excluded.groups
 """
-# Refunds recorded in [lo, hi); then the 90-day window moves from ending at lo to ending at
-# hi: in come the new ones placed within it, out go the older ones it has passed.
+# Refunds recorded in [lo, hi), read once from the store; then the 90-day window moves from
+# ending at lo to ending at hi: in come the new ones placed within it, out go the older
+# ones it has passed.
 _UPSERT_REFUNDS = f"""
 INSERT INTO temp."{{t}}__rf"
 SELECT coalesce(po.ts, f.ts), f.refund_id, f.customer_id, f.amount_cents, f.ts
 FROM refunds f LEFT JOIN orders po ON po.order_id = f.order_id
 WHERE f.ts >= :lo AND f.ts < :hi;
 INSERT INTO temp."{{t}}__cum_r"
-SELECT customer_id, sum(amount_cents) FROM refunds WHERE ts >= :lo AND ts < :hi
+SELECT customer_id, sum(amount) FROM temp."{{t}}__rf" WHERE ts >= :lo AND ts < :hi
 GROUP BY customer_id
 ON CONFLICT (customer_id) DO UPDATE SET refunded = refunded + excluded.refunded;
 INSERT INTO temp."{{t}}__win_r"
